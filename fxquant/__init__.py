@@ -1,0 +1,8 @@
+"""fxquant: DuQuant W4A8 quantization as FX graph passes, for torch.compile."""
+
+from .api import quantize_graph
+from .config import QuantConfig
+from .plan import QuantPlan
+
+__all__ = ["QuantConfig", "QuantPlan", "quantize_graph"]
+__version__ = "0.1.0"

@@ -1,0 +1,146 @@
+"""observe + calibrate: observer nodes that only record, and the loop over the loader.
+
+The graph being measured is never edited: observers go into a copy of the graph that shares
+the module's tensors, and are thrown away with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .capture import batch_to_call
+from .quant import percentile_from_histogram
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # progress bars are optional
+    tqdm = None
+
+
+class InputStats:
+    """What the transform search needs from one group's input activation X (tokens x D).
+
+    Per-channel max|x| over every token of every batch; the Gram matrix X^T X (for the weight
+    quantizer: output-error clipping and GPTQ); and a bounded, seeded uniform sample of token rows
+    (reservoir by random keys), so memory stays fixed however long the loader is.
+    """
+
+    def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: bool) -> None:
+        self.layers, self.dim, self.sample_rows = layers, dim, sample_rows
+        self.absmax = torch.zeros(dim)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64) if gram else None
+        self.rows = torch.empty(0, dim)
+        self.keys = torch.empty(0)
+        self.tokens = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _rows(x, self.layers, self.dim)
+        self.tokens += x.shape[0]
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        if self.gram is not None:
+            self.gram += (x.T @ x).double()
+        keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
+        rows = torch.cat([self.rows, x])
+        if rows.shape[0] > self.sample_rows:
+            keep = keys.topk(self.sample_rows).indices.sort().values
+            keys, rows = keys[keep], rows[keep]
+        self.keys, self.rows = keys, rows
+
+
+class RangeStats:
+    """Histogram of |x| per tensor (channels=1) or per channel, for static activation scales.
+
+    The range [0, upper] doubles when a larger value arrives (bins merge in pairs, so the edges
+    stay aligned); a percentile is then exact to one bin width, upper / bins.
+    """
+
+    def __init__(self, layers: str, dim: int, per_channel: bool, bins: int = 2048) -> None:
+        self.layers, self.dim, self.bins = layers, dim, bins
+        self.channels = dim if per_channel else 1
+        self.counts = torch.zeros(self.channels, bins, dtype=torch.int64)
+        self.absmax = torch.zeros(self.channels)
+        self.upper = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _rows(x, self.layers, self.dim).abs()
+        if self.channels == 1:
+            x = x.reshape(-1, 1)
+        self.absmax = torch.maximum(self.absmax, x.amax(0))
+        peak = float(self.absmax.max())
+        if self.upper == 0.0:
+            self.upper = 2.0 ** torch.tensor(max(peak, 1e-8)).log2().ceil().item()
+        while peak > self.upper:
+            merged = self.counts.view(self.channels, self.bins // 2, 2).sum(-1)
+            self.counts = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+            self.upper *= 2
+        index = (x / self.upper * self.bins).long().clamp_(max=self.bins - 1)
+        index += torch.arange(self.channels) * self.bins
+        self.counts += torch.bincount(index.flatten(), minlength=self.channels * self.bins).view_as(self.counts)
+
+    def percentile(self, q: float) -> torch.Tensor:
+        """Per channel, the q-th percentile of |x| (never above the exact max)."""
+        values = [percentile_from_histogram(c, self.upper, q) for c in self.counts]
+        return torch.minimum(torch.tensor(values, dtype=torch.float32), self.absmax)
+
+
+def _rows(x: torch.Tensor, layers: str, dim: int) -> torch.Tensor:
+    x = x.detach().reshape(-1, dim).float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"calibration activation read by {layers} holds NaN or Inf; check the calibration "
+                         "data and the layers before it (fxquant cannot compute scales from non-finite values)")
+    return x
+
+
+class Observer(nn.Module):
+    """Records its input into ``stats`` and returns it unchanged."""
+
+    def __init__(self, stats: InputStats | RangeStats) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats.update(x)
+        return x
+
+
+def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats | RangeStats]]) -> fx.GraphModule:
+    """A GraphModule sharing gm's tensors whose graph also feeds each watched node to an Observer."""
+    mapping: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
+    graph.output(output[0] if isinstance(output, tuple) else output)
+    observed = fx.GraphModule(gm, graph)
+    for i, (node, stats) in enumerate(watch):
+        observed.add_submodule(f"fxquant_observer_{i}", Observer(stats))
+        copy = mapping[node]
+        with graph.inserting_after(copy):
+            graph.call_module(f"fxquant_observer_{i}", (copy,))
+    observed.recompile()
+    return observed
+
+
+def run_loader(gm: fx.GraphModule, loader: Iterable[Any], desc: str) -> int:
+    """Run every batch through gm (no_grad); returns how many batches ran."""
+    batches = 0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None) if tqdm is not None else loader
+    with torch.no_grad():
+        for batch in bar:
+            args, kwargs = batch_to_call(batch)
+            try:
+                gm(*args, **kwargs)
+            except ValueError:
+                raise
+            except Exception as err:
+                raise RuntimeError(f"calibration batch {batches} could not run through the captured graph "
+                                   f"({type(err).__name__}: {err}); every batch must call the model the "
+                                   "same way as the first one (same argument names and ranks)") from err
+            batches += 1
+    if batches == 0:
+        raise ValueError("calib_loader yielded no batches: give it at least one batch of representative inputs")
+    return batches

@@ -1,0 +1,152 @@
+"""QuantConfig and per-layer rules: every field is validated here, with an error that names it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+GRANULARITIES = ("tensor", "channel", "token")
+CLIPS = ("mse", "minmax")
+W_METHODS = ("rtn", "gptq")
+CAPTURES = ("export", "symbolic_trace")
+WEIGHT_FORMATS = ("fake", "packed")
+
+# Fields a per-layer override may set. The transform and activation fields apply to the whole
+# group of layers that read one activation, so the members of a group must agree on them.
+SITE_FIELDS = ("w_bits", "w_group_size", "w_clip", "w_method", "w_symmetric", "skip")
+GROUP_FIELDS = ("a_bits", "a_granularity", "a_percentile", "smooth_alpha", "block_size",
+                "rotation_steps", "permute")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. ``None`` or 16 bits leaves that side exactly as it was.
+
+    Activation granularity: "tensor" and "channel" are static scales measured during
+    calibration (graph constants); "token" is dynamic, one scale per token at run time.
+    """
+
+    w_bits: int | None = 4
+    w_group_size: int | None = None  # None: one scale per output channel
+    w_clip: str | float = "mse"  # "mse" (output-error search), "minmax", or a ratio in (0, 1]
+    w_method: str = "rtn"  # "rtn" or "gptq" (error compensation from calibration statistics)
+    w_symmetric: bool = True
+    a_bits: int | None = 8
+    a_granularity: str = "tensor"
+    a_percentile: float = 99.9
+    smooth_alpha: float | None = 0.6  # None: no smoothing
+    block_size: int = 128
+    rotation_steps: int = 256  # 0: no rotation and no permutation
+    permute: bool = True
+    calib_tokens: int = 2048  # rows kept per group for the rotation search
+    include: tuple[str, ...] = ()  # regexes on the layer name; empty: every linear
+    exclude: tuple[str, ...] = ("lm_head",)
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+    capture: str = "export"  # "export" (torch.export, dynamic dims) or "symbolic_trace"
+    weight_format: str = "fake"  # "fake": dequantized float constant; "packed": int4/int8 codes + scales
+    skip: bool = False  # only meaningful in overrides: leave the matching layers in float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", _as_tuple("include", self.include))
+        object.__setattr__(self, "exclude", _as_tuple("exclude", self.exclude))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        _validate(self, "QuantConfig")
+        for pattern, fields in self.overrides.items():
+            _compile(f"overrides[{pattern!r}]", pattern)
+            if not isinstance(fields, Mapping):
+                raise TypeError(f"overrides[{pattern!r}] must be a dict of QuantConfig fields, "
+                                f"got {type(fields).__name__}")
+            unknown = sorted(set(fields) - set(SITE_FIELDS + GROUP_FIELDS))
+            if unknown:
+                raise ValueError(f"overrides[{pattern!r}] sets {unknown}, which cannot vary per layer; "
+                                 f"allowed: {', '.join(SITE_FIELDS + GROUP_FIELDS)}")
+            try:
+                dataclasses.replace(self, overrides={}, **fields)
+            except (TypeError, ValueError) as err:  # name the override, not the top-level field
+                raise type(err)(str(err).replace("QuantConfig.", f"overrides[{pattern!r}].", 1)) from None
+
+    def for_layer(self, name: str) -> QuantConfig:
+        """The config with every override whose regex matches ``name`` applied, in order."""
+        fields: dict[str, Any] = {}
+        for pattern, values in self.overrides.items():
+            if re.search(pattern, name):
+                fields.update(values)
+        return dataclasses.replace(self, overrides={}, **fields) if fields else self
+
+    def selects(self, name: str) -> bool:
+        included = not self.include or any(re.search(p, name) for p in self.include)
+        return included and not any(re.search(p, name) for p in self.exclude)
+
+    @property
+    def w_quantized(self) -> bool:
+        return self.w_bits not in (None, 16)
+
+    @property
+    def a_quantized(self) -> bool:
+        return self.a_bits not in (None, 16)
+
+
+def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    for pattern in value:
+        _compile(name, pattern)
+    return value
+
+
+def _compile(where: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise TypeError(f"{where}: expected a regex string, got {type(pattern).__name__} {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{where}: {pattern!r} is not a valid regex ({err}); fix the pattern") from None
+
+
+def _bad(where: str, name: str, value: Any, fix: str) -> ValueError:
+    return ValueError(f"{where}.{name}={value!r} is invalid: {fix}")
+
+
+def _validate(c: QuantConfig, where: str) -> None:
+    for name in ("w_bits", "a_bits"):
+        bits = getattr(c, name)
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                                 or not (2 <= bits <= 8 or bits == 16)):
+            raise _bad(where, name, bits, "use an integer from 2 to 8, or 16 / None to leave it in float")
+    if c.w_group_size is not None and (not isinstance(c.w_group_size, int) or c.w_group_size < 2):
+        raise _bad(where, "w_group_size", c.w_group_size, "use None (per output channel) or an integer >= 2")
+    if isinstance(c.w_clip, str):
+        if c.w_clip not in CLIPS:
+            raise _bad(where, "w_clip", c.w_clip, f"use one of {CLIPS} or a float ratio in (0, 1]")
+    elif isinstance(c.w_clip, bool) or not isinstance(c.w_clip, (int, float)) or not 0 < c.w_clip <= 1:
+        raise _bad(where, "w_clip", c.w_clip, f"use one of {CLIPS} or a float ratio in (0, 1]")
+    _choice(where, "w_method", c.w_method, W_METHODS)
+    _choice(where, "a_granularity", c.a_granularity, GRANULARITIES)
+    _choice(where, "capture", c.capture, CAPTURES)
+    _choice(where, "weight_format", c.weight_format, WEIGHT_FORMATS)
+    if not isinstance(c.a_percentile, (int, float)) or not 0 < c.a_percentile <= 100:
+        raise _bad(where, "a_percentile", c.a_percentile, "use a percentile in (0, 100], e.g. 99.9")
+    if c.smooth_alpha is not None and (not isinstance(c.smooth_alpha, (int, float)) or not 0 <= c.smooth_alpha <= 1):
+        raise _bad(where, "smooth_alpha", c.smooth_alpha, "use a float in [0, 1] (0.6 is DuQuant's default) or None")
+    b = c.block_size
+    if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
+        raise _bad(where, "block_size", b, "use a power of two >= 2, e.g. 128")
+    for name in ("rotation_steps", "calib_tokens", "seed"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad(where, name, value, "use a non-negative integer")
+    if c.calib_tokens < 1:
+        raise _bad(where, "calib_tokens", c.calib_tokens, "keep at least one row, e.g. 2048")
+    for name in ("permute", "w_symmetric", "skip"):
+        if not isinstance(getattr(c, name), bool):
+            raise _bad(where, name, getattr(c, name), "use True or False")
+
+
+def _choice(where: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _bad(where, name, value, f"use one of {allowed}")

@@ -1,0 +1,316 @@
+"""DuQuant transform math (tensors only, no FX): smoothing, greedy block rotation, zigzag.
+
+For a group of linears y = x @ W.T reading one activation x (..., D), the transform is
+    T = diag(1/s) . blockdiag(R1) . P . blockdiag(R2)
+applied online as x -> x @ T and offline as W -> W @ T^-T = (W * s) @ blockdiag(R1) P blockdiag(R2),
+so (x @ T) @ (W @ T^-T).T == x @ W.T exactly (up to float rounding).
+Block rotation of x (..., D) with block size B: x.unflatten(-1, (D // B, B)) @ R, flattened back.
+Permutation P: x @ P == x[..., perm]. Rotations are built in float64 and stored as float32.
+See docs/duquant.md; the [fxquant] deviations are noted where they are implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MIN_BLOCK = 16  # below this a block rotation spreads outliers too little to be worth it
+_MAX_DENSE = 1024  # largest dim for which a dense D x D fallback rotation is acceptable
+_CHUNK = 256  # rows per GEMM in the greedy search (see _rows_times)
+_NORM_SLACK = 1e-6  # relative margin: a computed |x @ R| may exceed ||x|| by rounding (~1e-13)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Online x -> x @ T, T = diag(1/smooth) . blockdiag(rot1) . P . blockdiag(rot2); weight W -> W @ T^-T."""
+
+    dim: int
+    smooth: Tensor | None  # (dim,) float32, > 0; None = no smoothing
+    block_size: int | None  # B dividing dim; None = no rotation
+    rot1: Tensor | None  # (B, B) float32 orthogonal; None = identity
+    perm: Tensor | None  # (dim,) int64 permutation; None = identity
+    rot2: Tensor | None  # (B, B) float32 orthogonal; None = identity
+    note: str = ""  # why a step was skipped, for the plan table ("" when nothing skipped)
+
+
+def block_size_for(dim: int, requested: int) -> tuple[int | None, str]:
+    """Largest power of two <= requested that divides dim, with the [fxquant] fallbacks.
+
+    If the search had to go below 16 (and below what was requested): one dense dim x dim
+    rotation when dim <= 1024, else no rotation and the returned string says why.
+    The string is "" whenever a rotation is possible (dense included).
+    """
+    if dim < 1 or requested < 1:
+        raise ValueError(f"block_size_for: dim ({dim}) and block size ({requested}) must be >= 1")
+    top = 1 << (min(requested, dim).bit_length() - 1)
+    b = top
+    while dim % b:
+        b //= 2
+    # A requested block below 16 that divides dim is honoured: the user asked for it.
+    if b >= _MIN_BLOCK or b == top:
+        return b, ""
+    if dim <= _MAX_DENSE:
+        return dim, ""
+    return None, (
+        f"rotation skipped: no power-of-two block >= {_MIN_BLOCK} and <= {requested} "
+        f"divides dim {dim}, and dim > {_MAX_DENSE} is too large for a dense rotation"
+    )
+
+
+def smoothing_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant scales s_j = max|X_j|^alpha / max_i|W_ij|^(1-alpha), clamped >= 1e-5.
+
+    [fxquant] `weight` is every linear of the group concatenated on rows. A channel whose
+    activation max or weight column is all zero gets s = 1: nothing to balance there, and
+    it keeps s finite and the weight column unchanged.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
+    if weight.ndim != 2 or act_absmax.shape != (weight.shape[1],):
+        raise ValueError(
+            f"smoothing: act_absmax {tuple(act_absmax.shape)} must be (D,) with D = weight "
+            f"columns, weight {tuple(weight.shape)}"
+        )
+    a = act_absmax.detach().to(torch.float64).abs()
+    w = weight.detach().to(torch.float64).abs().amax(dim=0)
+    if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
+        raise ValueError("smoothing: activation max or weight has inf/nan entries")
+    dead = (a == 0) | (w == 0)
+    s = a.pow(alpha) / torch.where(dead, 1.0, w).pow(1.0 - alpha)
+    s = torch.where(dead, 1.0, s).clamp_min(1e-5)
+    return s.to(torch.float32)
+
+
+def _givens_uniform_first_row(b: int) -> Tensor:
+    """Orthogonal (b, b) float64 whose row 0 is all 1/sqrt(b) (docs/duquant.md construction)."""
+    g = torch.eye(b, dtype=torch.float64)
+    for i in range(b - 1):
+        c, s = 1.0 / math.sqrt(i + 2), math.sqrt(i + 1) / math.sqrt(i + 2)
+        rot = torch.eye(b, dtype=torch.float64)
+        rot[i, i] = rot[i + 1, i + 1] = c
+        rot[i, i + 1], rot[i + 1, i] = -s, s
+        g = rot @ g  # G_{b-2} ... G_1 G_0: row b-1 ends up uniform (checked numerically)
+    swap = list(range(b))
+    swap[0], swap[-1] = b - 1, 0
+    return g[swap][:, swap]
+
+
+def seed_matrix(block_size: int, generator: torch.Generator) -> Tensor:
+    """Float64 (B, B) orthogonal with row 0 all 1/sqrt(B): diag(1, Q) @ Givens, Q random orthogonal.
+
+    Q multiplies from the left: it mixes rows 1..B-1 only, so row 0 (what x @ S_e uses to
+    spread channel e evenly) stays uniform; from the right it would not.
+    """
+    b = block_size
+    s = _givens_uniform_first_row(b)
+    if b > 1:
+        a = torch.randn(b - 1, b - 1, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(a)
+        q = q * torch.where(r.diagonal() < 0, -1.0, 1.0)  # sign fix: Haar-distributed Q
+        s[1:] = q @ s[1:]
+    return s
+
+
+def _rows_times(x: Tensor, r: Tensor, out: Tensor, start: int, stop: int) -> None:
+    """out[start:stop] = x[start:stop] @ r, one GEMM of exactly _CHUNK rows at a time.
+
+    A BLAS GEMM's rounding for a row can depend on the matrix height (MKL uses a different
+    kernel for the row remainder), so the pruned and exhaustive searches always issue
+    identically shaped GEMMs on identical chunks. This is what makes their results equal.
+    """
+    for a in range(start, stop, _CHUNK):
+        torch.matmul(x[a : a + _CHUNK], r, out=out[a : a + _CHUNK])
+
+
+def greedy_rotation(
+    rows: Tensor, block_size: int, steps: int, generator: torch.Generator, *, prune: bool = True
+) -> Tensor:
+    """Greedy DuQuant rotation for rows (N, D) viewed as (-1, B); returns float64 (B, B).
+
+    Each step spreads the channel of the largest |entry| with S_e (the seed with rows and
+    cols 0, e swapped); the prefix of steps with the smallest global range (max - min) wins.
+    prune=True gives the same matrix as prune=False: an orthogonal map keeps row norms, so
+    a row with ||x|| below both |max| and |min| of the active rows cannot hold the max, min
+    or argmax. Rows are sorted by norm (stable) and only a prefix of them is evaluated;
+    ties of |entry| go to the first one in that order, in both modes.
+    """
+    b = block_size
+    if rows.ndim != 2 or rows.shape[1] % b:
+        raise ValueError(f"greedy_rotation: rows {tuple(rows.shape)} must be (N, D) with D % {b} == 0")
+    x = rows.detach().to(torch.float64).reshape(-1, b)
+    if not torch.isfinite(x).all():
+        raise ValueError("greedy_rotation: calibration rows contain inf/nan")
+    seed = seed_matrix(b, generator)
+    eye = torch.eye(b, dtype=torch.float64)
+    m = x.shape[0]
+    if m == 0 or steps <= 0:
+        return eye
+    norms = torch.linalg.vector_norm(x, dim=1)
+    order = torch.sort(norms, descending=True, stable=True).indices
+    m_pad = -(-m // _CHUNK) * _CHUNK
+    xs = torch.zeros(m_pad, b, dtype=torch.float64)  # zero padding keeps every chunk full
+    xs[:m] = x[order]
+    bounds = torch.cat([norms[order] * (1 + _NORM_SLACK), torch.zeros(1, dtype=torch.float64)])
+    work = torch.empty_like(xs)
+    r = eye
+    best_range, best_r = math.inf, eye
+    active = min(m_pad, _CHUNK) if prune else m_pad  # rows evaluated, a multiple of _CHUNK
+    for step in range(steps + 1):
+        _rows_times(xs, r, work, 0, active)
+        while True:
+            v = work[: min(active, m)]
+            lo, hi = torch.aminmax(v)
+            lo, hi = lo.item(), hi.item()
+            # Every unevaluated entry lies in [-bound, bound] (rows are sorted by norm).
+            bound = bounds[active].item() if active < m else -math.inf
+            if hi > bound and -lo > bound:
+                break
+            need = min(hi, -lo)
+            grow = int((bounds[:m] >= need).sum()) if need > 0 else m
+            new = min(m_pad, max(-(-grow // _CHUNK) * _CHUNK, active + _CHUNK))
+            _rows_times(xs, r, work, active, new)
+            active = new
+        if hi - lo < best_range:  # strict: the earliest (shortest) prefix wins ties
+            best_range, best_r = hi - lo, r
+        if step == steps:
+            break
+        e = int(v.abs().argmax()) % b  # argmax returns the first occurrence: deterministic
+        swap = torch.arange(b)
+        swap[0], swap[e] = e, 0
+        r = r @ seed[swap][:, swap]
+    return best_r
+
+
+def zigzag_permutation(channel_absmax: Tensor, block_size: int) -> Tensor:
+    """perm (D,) int64 such that x[..., perm] deals channels ranked by value to blocks in zigzag.
+
+    Ranks go to blocks 0..K-1, K-1..0, 0..K-1, ... (ends repeat), so the K largest channels
+    land in K different blocks; each block is then in descending order.
+    """
+    d = channel_absmax.numel()
+    if channel_absmax.ndim != 1 or d % block_size:
+        raise ValueError(f"zigzag: channel max {tuple(channel_absmax.shape)} must be (D,) with D % {block_size} == 0")
+    k = d // block_size
+    ranked = torch.sort(channel_absmax.detach(), descending=True, stable=True).indices
+    rank = torch.arange(d)
+    c = rank % (2 * k)
+    block = torch.where(c < k, c, 2 * k - 1 - c)
+    # Within a block the ranks arrive in increasing order, i.e. descending by value.
+    return ranked[torch.argsort(block * d + rank)].to(torch.int64)
+
+
+def _block_rotate(x: Tensor, r: Tensor, b: int) -> Tensor:
+    return (x.unflatten(-1, (x.shape[-1] // b, b)) @ r.to(x.dtype)).flatten(-2)
+
+
+def build_transform(
+    rows: Tensor,
+    act_absmax: Tensor,
+    weight: Tensor,
+    *,
+    alpha: float | None,
+    block_size: int,
+    steps: int,
+    permute: bool,
+    seed: int,
+) -> Transform:
+    """Smoothing -> R1 on rows/s -> zigzag on max|.| after R1 -> R2 on the permuted sample.
+
+    rows: bounded calibration sample (N, D) of the raw activation; act_absmax: exact
+    per-channel max|x| over all calibration data; weight: the group's weights concatenated
+    (out_total, D). Same inputs and seed give a bit-identical Transform.
+    """
+    if rows.ndim != 2:
+        raise ValueError(f"build_transform: rows must be (N, D), got {tuple(rows.shape)}")
+    d = rows.shape[1]
+    if act_absmax.shape != (d,) or weight.ndim != 2 or weight.shape[1] != d:
+        raise ValueError(
+            f"build_transform: rows {tuple(rows.shape)}, act_absmax {tuple(act_absmax.shape)} and "
+            f"weight {tuple(weight.shape)} must agree on D = {d}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    smooth = None if alpha is None else smoothing_scales(act_absmax, weight, alpha)
+    if steps <= 0:
+        return Transform(d, smooth, None, None, None, None, note="rotation off (steps = 0)")
+    b, note = block_size_for(d, block_size)
+    if b is None:
+        return Transform(d, smooth, None, None, None, None, note=note)
+    notes = []
+    x = rows.detach().to(torch.float64)
+    if smooth is not None:
+        x = x / smooth.to(torch.float64)  # the stored float32 scales, so T is what runs
+    r1 = greedy_rotation(x, b, steps, gen)
+    x = _block_rotate(x, r1, b)
+    perm = None
+    if permute and d // b > 1:  # one block: a permutation adds nothing R2 cannot do
+        perm = zigzag_permutation(x.abs().amax(dim=0), b)
+        if torch.equal(perm, torch.arange(d)):
+            perm = None
+        else:
+            x = x[..., perm]
+    r2 = greedy_rotation(x, b, steps, gen)
+    rots = []
+    for name, r in (("R1", r1), ("R2", r2)):
+        if torch.equal(r, torch.eye(b, dtype=torch.float64)):
+            notes.append(f"{name} identity: no greedy step lowered the range")
+            rots.append(None)
+        else:
+            rots.append(r.to(torch.float32))
+    return Transform(d, smooth, b, rots[0], perm, rots[1], note="; ".join(notes))
+
+
+def _check(t: Transform, d: int, what: str) -> None:
+    if d != t.dim:
+        raise ValueError(f"{what}: last dim {d} does not match the transform dim {t.dim}")
+
+
+def _rotate_chain(y: Tensor, t: Transform) -> Tensor:
+    """y @ blockdiag(R1) P blockdiag(R2), in y's dtype."""
+    if t.block_size is not None:
+        if t.rot1 is not None:
+            y = _block_rotate(y, t.rot1, t.block_size)
+        if t.perm is not None:
+            y = y[..., t.perm]
+        if t.rot2 is not None:
+            y = _block_rotate(y, t.rot2, t.block_size)
+    return y
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half types would lose the transform's precision: compute in float32, cast back.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def apply_to_activation(x: Tensor, t: Transform) -> Tensor:
+    """x @ T along the last dim (any leading dims), returned in x.dtype."""
+    _check(t, x.shape[-1], "apply_to_activation")
+    y = x.to(_work_dtype(x.dtype))
+    if t.smooth is not None:
+        y = y / t.smooth.to(y.dtype)
+    return _rotate_chain(y, t).to(x.dtype)
+
+
+def apply_to_weight(w: Tensor, t: Transform) -> Tensor:
+    """w (out, D) -> w @ T^-T = (w * smooth) @ blockdiag(R1) P blockdiag(R2), in w.dtype."""
+    _check(t, w.shape[-1], "apply_to_weight")
+    y = w.to(_work_dtype(w.dtype))
+    if t.smooth is not None:
+        y = y * t.smooth.to(y.dtype)
+    return _rotate_chain(y, t).to(w.dtype)
+
+
+def transform_gram(gram: Tensor, t: Transform) -> Tensor:
+    """T^T H T in float64 for H = X^T X (D, D): the Gram of the transformed activation."""
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"transform_gram: gram must be square (D, D), got {tuple(gram.shape)}")
+    _check(t, gram.shape[-1], "transform_gram")
+    ht = apply_to_activation(gram.to(torch.float64), t)  # H T: T acts on rows of H
+    return apply_to_activation(ht.T.contiguous(), t).T  # ((H T)^T T)^T = T^T H T
+
+
+def as_matrix(t: Transform) -> Tensor:
+    """Dense T (D, D) float64, for tests and dumps."""
+    return apply_to_activation(torch.eye(t.dim, dtype=torch.float64), t)

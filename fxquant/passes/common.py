@@ -1,0 +1,68 @@
+"""Graph plumbing shared by the passes: the canonical linear form, constants, the meta key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+LINEAR = torch.ops.aten.linear.default
+META = "fxquant"  # the one node.meta key fxquant writes
+ROOT = "fxquant"  # the submodule that holds every constant fxquant adds
+
+
+def is_linear(node: fx.Node) -> bool:
+    """The canonical linear after normalize: aten.linear(x, get_attr weight, bias=None)."""
+    return node.op == "call_function" and node.target is LINEAR and node.args[1].op == "get_attr"
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def site_key(name: str) -> str:
+    """A readable, attribute-safe key for a layer name (dots become underscores)."""
+    return name.replace(".", "_")
+
+
+def set_constant(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor) -> str:
+    """Register ``value`` as buffer ``fxquant.<owner>.<name>`` and return that get_attr target."""
+    if not hasattr(gm, ROOT):
+        gm.add_submodule(ROOT, nn.Module())
+    root = getattr(gm, ROOT)
+    if not hasattr(root, owner):
+        root.add_module(owner, nn.Module())
+    getattr(root, owner).register_buffer(name, value.detach().clone().contiguous())
+    return f"{ROOT}.{owner}.{name}"
+
+
+def get_constant(gm: fx.GraphModule, target: str) -> fx.Node:
+    """A get_attr node for ``target``, reusing one that already exists in the graph."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == target:
+            return node
+    with gm.graph.inserting_before(_first_non_placeholder(gm.graph)):
+        node = gm.graph.get_attr(target)
+    node.meta[META] = {"role": "constant", "target": target}
+    return node
+
+
+def _first_non_placeholder(graph: fx.Graph) -> fx.Node:
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            return node
+    raise AssertionError("graph has only placeholders")
+
+
+def tag(node: fx.Node, **info: Any) -> fx.Node:
+    node.meta[META] = info
+    return node
+
+
+def finish(gm: fx.GraphModule) -> None:
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,84 @@
+"""rewrite, part 1: the DuQuant transform, once per group input, and the transformed weights.
+
+Before                                   After
+    h = rms_norm(...)                        h = rms_norm(...)
+    q = linear(h, W_q)                       h_s = h * inv_smooth              (smooth)
+    k = linear(h, W_k)                       h_r = block_rotate(h_s, R1)       (rotate)
+                                             h_p = permute_channels(h_r, P)    (permute)
+                                             h_t = block_rotate(h_p, R2)       (rotate2)
+                                             q = linear(h_t, W_q @ T^-T)
+                                             k = linear(h_t, W_k @ T^-T)
+
+Exact: (x T)(W T^-T)^T = x W^T for any invertible T, and here T^-T is computed offline.
+Other readers of h (residuals, skipped layers) keep reading h. Every call of a weight reads the
+same transformed constant, so a loop that calls a layer ten times stores its weight once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import ops
+from ..duquant import Transform
+from ..plan import QuantPlan
+from .common import META, finish, get_constant, is_linear, set_constant, site_key, tag
+
+
+class InsertTransforms(PassBase):
+    def __init__(self, plan: QuantPlan, transforms: dict[str, Transform],
+                 weights: dict[str, torch.Tensor]) -> None:
+        self.plan, self.transforms, self.weights = plan, transforms, weights
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for group in self.plan.groups.values():
+            pending = {x: readers for x in map(nodes.get, group.inputs)
+                       if (readers := [n for n in x.users if is_linear(n) and _site(n) in group.sites
+                                       and META not in n.meta])}
+            if not pending:
+                continue  # already rewritten: a second run changes nothing
+            constants = _register_transform(gm, group.key, self.transforms[group.name])
+            for x, readers in pending.items():
+                x_t = _insert_chain(gm, x, group.name, constants)
+                for linear in readers:
+                    name = _site(linear)
+                    target = set_constant(gm, site_key(name), "weight", self.weights[name])
+                    linear.args = (x_t, get_constant(gm, target), *linear.args[2:])
+                    tag(linear, site=name, group=group.name, role="linear", stage="transformed")
+            modified = True
+        if modified:
+            finish(gm)
+        return PassResult(gm, modified)
+
+
+def _site(linear: fx.Node) -> str:
+    return linear.args[1].target.removesuffix(".weight")
+
+
+def _register_transform(gm: fx.GraphModule, key: str, t: Transform) -> dict[str, str]:
+    """Constants of one group's transform, float32 (rotations are solved in float64)."""
+    values = {"inv_smooth": None if t.smooth is None else 1.0 / t.smooth.double(),
+              "rot1": t.rot1, "perm": t.perm, "rot2": t.rot2}
+    targets = {}
+    for name, value in values.items():
+        if value is not None:
+            value = value if value.dtype == torch.int64 else value.float()
+            targets[name] = set_constant(gm, key, name, value)
+    return targets
+
+
+def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: str, constants: dict[str, str]) -> fx.Node:
+    steps = [("inv_smooth", torch.mul, "smooth"), ("rot1", ops.block_rotate, "rotate"),
+             ("perm", ops.permute_channels, "permute"), ("rot2", ops.block_rotate, "rotate2")]
+    current = x
+    for constant, fn, role in steps:
+        if constant not in constants:
+            continue
+        value = get_constant(gm, constants[constant])  # constants sit at the top of the graph
+        with gm.graph.inserting_after(current):
+            current = gm.graph.create_node("call_function", fn, (current, value), name=f"{x.name}_{role}")
+        tag(current, group=group, role=role, constant=constants[constant])
+    return current

@@ -1,0 +1,172 @@
+"""plan: which linears are quantized, which share a transform, and with which settings.
+
+A *site* is one weight (one layer), however many times the graph calls it: the flow-matching
+loop of a VLA policy calls its action expert ten times with the same weights, and those calls
+must share one quantized weight and one calibration. A *group* is a set of sites joined by
+reading the same activation (q/k/v; gate/up) or by being the same weight: it gets one transform,
+applied once per activation node in the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .config import GROUP_FIELDS, QuantConfig
+from .duquant import block_size_for
+from .passes.common import fetch_attr, is_linear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Site:
+    name: str
+    weight: str  # get_attr target of the float weight
+    in_features: int
+    out_features: int
+    config: QuantConfig  # the config with this layer's overrides applied
+    calls: int = 0
+    group: str = ""
+    skip: str = ""  # why it stays in float ("" = quantized)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    name: str
+    sites: list[str]
+    inputs: list[str]  # names of the activation nodes the calls read; the transform goes on each
+    dim: int
+    config: QuantConfig
+    block_size: int | None = None
+    note: str = ""
+    stats: dict = field(default_factory=dict)  # calibration summary, for the plan and the dump
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^0-9A-Za-z_]", "_", self.name)
+
+
+@dataclass
+class QuantPlan:
+    sites: dict[str, Site] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+
+    def active_sites(self) -> list[Site]:
+        return [s for s in self.sites.values() if not s.skip]
+
+    def table(self) -> str:
+        header = ("layer", "in", "out", "calls", "group", "w", "a", "block", "status")
+        rows = [header]
+        for s in self.sites.values():
+            g = self.groups.get(s.group)
+            a = "float" if not s.config.a_quantized else f"{s.config.a_bits}/{s.config.a_granularity}"
+            w = "float" if not s.config.w_quantized else f"{s.config.w_bits}/{s.config.w_group_size or 'ch'}"
+            block = "-" if g is None or g.block_size is None else str(g.block_size)
+            status = s.skip or (g.note if g and g.note else "quantized")
+            rows.append((s.name, str(s.in_features), str(s.out_features), str(s.calls), s.group or "-",
+                         "-" if s.skip else w, "-" if s.skip else a, block, status))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        summary = (f"{len(self.active_sites())} of {len(self.sites)} linear layers quantized "
+                   f"in {len(self.groups)} transform groups")
+        return "\n".join(lines + [summary])
+
+    __str__ = table
+
+
+def make_plan(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
+    plan = QuantPlan()
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if not is_linear(node):
+            continue
+        target = node.args[1].target
+        name = target.removesuffix(".weight")
+        if name not in plan.sites:
+            weight = fetch_attr(gm, target)
+            plan.sites[name] = Site(name, target, weight.shape[1], weight.shape[0], config.for_layer(name),
+                                    skip=_skip_reason(name, weight, config))
+        plan.sites[name].calls += 1
+        calls.setdefault(name, []).append(node)
+    _warn_unmatched_overrides(config, list(plan.sites))
+    for members in _connected_groups(plan, calls):
+        _add_group(plan, members, calls)
+    return plan
+
+
+def _skip_reason(name: str, weight: torch.Tensor, config: QuantConfig) -> str:
+    if not config.selects(name):
+        return "excluded by config.include/exclude"
+    if config.for_layer(name).skip:
+        return "skip=True in config.overrides"
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return f"weight {tuple(weight.shape)} {weight.dtype} is not a 2-D float matrix"
+    return ""
+
+
+def _warn_unmatched_overrides(config: QuantConfig, names: list[str]) -> None:
+    for pattern in config.overrides:
+        if not any(re.search(pattern, n) for n in names):
+            log.warning("QuantConfig.overrides[%r] matches no linear layer; layer names look like %s",
+                        pattern, ", ".join(names[:3]) or "(none found)")
+
+
+def _connected_groups(plan: QuantPlan, calls: dict[str, list[fx.Node]]) -> list[list[str]]:
+    """Union-find over sites: two sites join when any of their calls read the same node."""
+    parent = {name: name for name in plan.sites if not plan.sites[name].skip}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    reader: dict[fx.Node, str] = {}
+    for name in parent:
+        for node in calls[name]:
+            x = node.args[0]
+            if x in reader:
+                parent[find(name)] = find(reader[x])
+            reader.setdefault(x, name)
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), []).append(name)
+    return list(groups.values())
+
+
+def _add_group(plan: QuantPlan, members: list[str], calls: dict[str, list[fx.Node]]) -> None:
+    name = _group_name(members)
+    configs = {m: plan.sites[m].config for m in members}
+    first = configs[members[0]]
+    for f in GROUP_FIELDS:
+        values = {m: getattr(c, f) for m, c in configs.items()}
+        if len(set(map(repr, values.values()))) > 1:
+            raise ValueError(f"layers {members} read the same activation and share one transform, but "
+                             f"config.overrides gives them different {f}: {values}; give them the same value")
+    inputs = list(dict.fromkeys(node.args[0].name for m in members for node in calls[m]))
+    group = Group(name, members, inputs, plan.sites[members[0]].in_features, first)
+    if first.rotation_steps > 0:
+        group.block_size, group.note = block_size_for(group.dim, first.block_size)
+    plan.groups[name] = group
+    for m in members:
+        plan.sites[m].group = name
+
+
+def _group_name(members: list[str]) -> str:
+    if len(members) == 1:
+        return members[0]
+    parts = [m.split(".") for m in members]
+    prefix: list[str] = []
+    for atoms in zip(*parts, strict=False):
+        if len(set(atoms)) > 1:
+            break
+        prefix.append(atoms[0])
+    rest = ",".join(".".join(p[len(prefix):]) for p in parts)
+    return ".".join(prefix + [f"{{{rest}}}"])

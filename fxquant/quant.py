@@ -1,0 +1,230 @@
+"""Weight quantization math (tensors only, no FX): scales, clip search, RTN, GPTQ, int4 packing.
+
+Conventions (b = bits, 2..8; 16-bit / float is the caller's business and never reaches here):
+- symmetric: qmax = 2**(b-1) - 1, codes in [-(qmax+1), qmax], scale = ratio * amax / qmax,
+  w ~ code * scale;
+- asymmetric: codes in [0, 2**b - 1], lo = ratio * min(min, 0), hi = ratio * max(max, 0),
+  scale = (hi - lo) / (2**b - 1), zero = round(-lo / scale), w ~ (code - zero) * scale;
+- scale and zero are per output row and per group of `group_size` input columns
+  (group_size None: one group per row); all-zero rows get a tiny scale floor, never 0;
+- codes are int8 (out, in); round half to even (torch.round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_SCALE_FLOOR = 1e-12  # scale of an all-zero row or group: keeps w / scale finite
+_MSE_GRID = [1.0 - 0.025 * i for i in range(21)]  # clip ratios 1.00, 0.975, ..., 0.50
+_GRID_ELEMS = 1 << 24  # elements per chunk of the vectorised clip search (memory bound)
+_GPTQ_BLOCK = 128  # lazy-batch width of GPTQ
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    codes: Tensor  # (out, in) int8
+    scale: Tensor  # (out, n_groups) float32
+    zero: Tensor | None  # (out, n_groups) float32 for asymmetric, None for symmetric
+    bits: int
+    group_size: int | None  # None = per output channel (n_groups = 1)
+
+
+def _code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"weight bits must be in 2..8, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    return (-(qmax + 1), qmax) if symmetric else (0, 2**bits - 1)
+
+
+def _grouped(w: Tensor, group_size: int | None) -> Tensor:
+    """(out, in) -> (out, n_groups, gs) float32, checking that groups tile the row."""
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(w.shape)}")
+    cols = w.shape[1]
+    gs = cols if group_size is None else group_size
+    if gs < 1 or cols % gs:
+        raise ValueError(f"group_size {group_size} must divide in_features {cols}; pick a divisor of {cols}")
+    return w.detach().to(torch.float32).reshape(w.shape[0], cols // gs, gs)
+
+
+def _params(wg: Tensor, ratio: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    """Scale (and zero) for grouped weights wg (..., gs) at clip ratio(s) broadcast to wg[..., 0]."""
+    lo_code, hi_code = _code_range(bits, symmetric)
+    if symmetric:
+        scale = ratio * wg.abs().amax(-1) / hi_code
+        return scale.clamp_min(_SCALE_FLOOR), None
+    lo = ratio * wg.amin(-1).clamp_max(0)
+    hi = ratio * wg.amax(-1).clamp_min(0)
+    scale = ((hi - lo) / hi_code).clamp_min(_SCALE_FLOOR)
+    return scale, torch.round(-lo / scale)
+
+
+def _fake_quant(wg: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
+    """(codes as float, dequantized) for wg (..., gs) with scale/zero (...,)."""
+    lo_code, hi_code = _code_range(bits, zero is None)
+    s = scale.unsqueeze(-1)
+    z = 0.0 if zero is None else zero.unsqueeze(-1)
+    q = (torch.round(wg / s) + z).clamp(lo_code, hi_code)
+    return q, (q - z) * s
+
+
+def weight_scales(
+    w: Tensor,
+    bits: int,
+    *,
+    group_size: int | None,
+    symmetric: bool,
+    clip: str | float,
+    gram_diag: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-(row, group) scale and zero (None if symmetric), each (out, n_groups) float32.
+
+    clip: "minmax" (ratio 1), a float ratio in (0, 1], or "mse": per row and group, the ratio
+    of the grid 1.00 .. 0.50 minimising sum_j d_j (w_ij - deq_ij)^2 with d = gram_diag (the
+    input's second moments, so this is the layer's output error if channels are independent;
+    ones when None). Ratio 1.0 is in the grid, so "mse" never loses to "minmax" on that objective.
+    """
+    wg = _grouped(w, group_size)
+    if clip == "minmax" or isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        ratio = 1.0 if clip == "minmax" else float(clip)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
+        return _params(wg, torch.tensor(ratio), bits, symmetric)
+    if clip != "mse":
+        raise ValueError(f"clip must be 'minmax', 'mse' or a ratio in (0, 1], got {clip!r}")
+    if gram_diag is None:
+        d = torch.ones(wg.shape[1:])
+    else:
+        if gram_diag.shape != (w.shape[1],):
+            raise ValueError(f"gram_diag must be ({w.shape[1]},), got {tuple(gram_diag.shape)}")
+        d = gram_diag.detach().to(torch.float32).reshape(wg.shape[1:])
+    grid = torch.tensor(_MSE_GRID).view(-1, 1, 1)
+    best = torch.empty(wg.shape[:2], dtype=torch.long)
+    rows = max(1, _GRID_ELEMS // (len(_MSE_GRID) * w.shape[1]))
+    for a in range(0, wg.shape[0], rows):  # chunk rows: the grid multiplies memory by 21
+        chunk = wg[a : a + rows]
+        scale, zero = _params(chunk.unsqueeze(0), grid, bits, symmetric)
+        _, deq = _fake_quant(chunk.unsqueeze(0), scale, zero, bits)
+        err = ((chunk - deq).square() * d).sum(-1)  # (grid, rows, groups)
+        best[a : a + rows] = err.argmin(0)  # first minimum: the largest ratio among ties
+    return _params(wg, grid.view(-1)[best], bits, symmetric)
+
+
+def _gptq_codes(w: Tensor, gram: Tensor, scale: Tensor, zero: Tensor | None, bits: int, gs: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022) with fixed scales: quantize columns in order, pushing each
+    column's error onto the not-yet-quantized columns through the inverse Hessian H = X^T X."""
+    out, cols = w.shape
+    h = gram.detach().to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    # A dead input channel (never non-zero) has no curvature: make H invertible there; its
+    # column is then plain RTN and its error couples to nothing.
+    h[dead, dead] = 1.0
+    damp = 0.01 * h.diagonal().mean()
+    for _ in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(cols, dtype=torch.float64))
+        if info == 0:
+            break
+        damp = damp * 10  # numerically indefinite Gram: dampen more rather than fail
+    else:
+        raise ValueError("gptq: the Gram matrix is not positive definite even with heavy dampening")
+    # Upper Cholesky factor of H^-1: row i gives column i's error feedback in closed form.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    wk = w.detach().to(torch.float64).clone()
+    s64 = scale.to(torch.float64)
+    z64 = None if zero is None else zero.to(torch.float64)
+    codes = torch.empty(out, cols, dtype=torch.int8)
+    for a in range(0, cols, _GPTQ_BLOCK):
+        b = min(a + _GPTQ_BLOCK, cols)
+        blk = wk[:, a:b].clone()
+        err = torch.empty_like(blk)
+        for i in range(b - a):
+            g = (a + i) // gs
+            q, deq = _fake_quant(blk[:, i : i + 1], s64[:, g], None if z64 is None else z64[:, g], bits)
+            codes[:, a + i] = q[:, 0].to(torch.int8)
+            e = (blk[:, i] - deq[:, 0]) / hinv[a + i, a + i]
+            blk[:, i:] -= e.unsqueeze(1) * hinv[a + i, a + i : b].unsqueeze(0)
+            err[:, i] = e
+        wk[:, b:] -= err @ hinv[a:b, b:]  # lazy batch: the block's error on later columns at once
+    return codes
+
+
+def quantize_weight(
+    w: Tensor,
+    bits: int,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip: str | float = "mse",
+    method: str = "rtn",
+    gram: Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize w (out, in). method "rtn": round to nearest; "gptq": needs gram = X^T X (in, in)
+    of the layer input. Scales come from weight_scales (clip "mse" weighs by diag(gram))."""
+    wg = _grouped(w, group_size)
+    cols = w.shape[1]
+    if gram is not None and gram.shape != (cols, cols):
+        raise ValueError(f"gram must be ({cols}, {cols}) for weight {tuple(w.shape)}, got {tuple(gram.shape)}")
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    if method == "gptq" and gram is None:
+        raise ValueError("method 'gptq' needs gram = X^T X of the layer input (collect it in calibration)")
+    diag = None if gram is None else gram.diagonal()
+    scale, zero = weight_scales(w, bits, group_size=group_size, symmetric=symmetric, clip=clip, gram_diag=diag)
+    if method == "rtn":
+        codes = _fake_quant(wg, scale, zero, bits)[0].reshape(w.shape).to(torch.int8)
+    else:
+        codes = _gptq_codes(w, gram, scale, zero, bits, wg.shape[2])
+    return QuantizedWeight(codes, scale, zero, bits, group_size)
+
+
+def dequantize_weight(qw: QuantizedWeight) -> Tensor:
+    """float32 (out, in) weights from codes, scale and zero."""
+    out, cols = qw.codes.shape
+    q = qw.codes.to(torch.float32).reshape(out, qw.scale.shape[1], -1)
+    if qw.zero is not None:
+        q = q - qw.zero.unsqueeze(-1)
+    return (q * qw.scale.unsqueeze(-1)).reshape(out, cols)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7] or [0, 15] -> uint8 (..., in // 2): column 2k in the low nibble,
+    column 2k+1 in the high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dim, got shape {tuple(codes.shape)}")
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    if lo < -8 or hi > 15 or (lo < 0 and hi > 7):
+        raise ValueError(f"pack_int4: codes in [{lo}, {hi}] fit neither [-8, 7] nor [0, 15]")
+    nib = codes.to(torch.int16) & 0xF  # two's complement low nibble: -1 -> 15
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor, signed: bool) -> Tensor:
+    """Inverse of pack_int4: uint8 (..., n) -> int8 (..., 2n), signed [-8, 7] or unsigned [0, 15]."""
+    p = packed.to(torch.int16)
+    v = torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)
+    if signed:
+        v = torch.where(v >= 8, v - 16, v)
+    return v.to(torch.int8)
+
+
+def percentile_from_histogram(counts: Tensor, upper: float, q: float) -> float:
+    """q-th percentile (q in (0, 100]) of values histogrammed into equal bins over [0, upper].
+
+    Linear within the bin that holds the target rank, so exact to one bin width.
+    """
+    if not 0.0 < q <= 100.0:
+        raise ValueError(f"percentile q must be in (0, 100], got {q}")
+    c = counts.detach().to(torch.float64).flatten()
+    total = float(c.sum())
+    if total <= 0 or upper <= 0:
+        raise ValueError(f"percentile of an empty histogram (total count {total}, upper {upper})")
+    width = upper / c.numel()
+    cum = torch.cumsum(c, 0)
+    target = q / 100.0 * total
+    i = min(int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))), c.numel() - 1)
+    before = float(cum[i - 1]) if i > 0 else 0.0
+    frac = (target - before) / float(c[i]) if c[i] > 0 else 1.0
+    return (i + min(max(frac, 0.0), 1.0)) * width

@@ -1,0 +1,106 @@
+"""Structure of the rewritten graph: constants, meta, weight sharing, idempotent passes."""
+
+import torch
+from models import FlowLoop, tensor_batches, tiny_llama, token_batches
+
+from fxquant import QuantConfig, quantize_graph
+from fxquant.passes.cleanup import DropUnusedConstants
+from fxquant.passes.common import META
+from fxquant.passes.normalize import Normalize
+from fxquant.passes.quantize import QuantizeActivations, QuantizeWeights
+from fxquant.passes.transform import InsertTransforms
+from fxquant.passes.verify import check_invariants
+
+FAST = QuantConfig(rotation_steps=16, block_size=16)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_llama_graph_holds_only_what_forward_reads_and_model_is_unchanged():
+    model = tiny_llama()
+    before = _state(model)
+    use_cache = model.config.use_cache
+    gm = quantize_graph(model, token_batches(3), FAST)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.config.use_cache == use_cache
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert set(gm.state_dict()) <= read, f"unread tensors kept: {sorted(set(gm.state_dict()) - read)[:5]}"
+    # no float original of a quantized weight survives: 7 linears x 2 layers, each one fxquant weight
+    originals = [k for k in gm.state_dict() if k.endswith("proj.weight") and not k.startswith("fxquant.")]
+    assert originals == []
+    assert sum(k.startswith("fxquant.") and k.endswith(".weight") for k in gm.state_dict()) == 14
+    check_invariants(gm)
+
+
+def test_every_inserted_node_carries_fxquant_meta():
+    gm = quantize_graph(tiny_llama(), token_batches(2), FAST)
+    inserted = [n for n in gm.graph.nodes if n.op == "call_function"
+                and (getattr(n.target, "__module__", "") == "fxquant.ops" or n.target is torch.mul)]
+    roles = [n.meta.get(META, {}).get("role") for n in inserted]
+    # 2 layers x 4 groups (qkv, o, gate/up, down): one smooth and one quantize node each;
+    # rotations and permutations where the greedy search found one worth keeping
+    assert roles.count("smooth") == 8 and roles.count("quantize") == 8, roles
+    assert roles.count("rotate") + roles.count("rotate2") >= 8, roles
+    assert None not in roles, [n.format_node() for n in inserted if META not in n.meta]
+    for node in inserted:
+        assert node.meta[META]["group"] in gm.meta[META]["plan"].groups
+
+
+def test_loop_calls_share_one_weight_and_every_call_is_calibrated():
+    model = FlowLoop(steps=3)
+    gm = quantize_graph(model, tensor_batches(3, (4, 64)), FAST)
+    plan = gm.meta[META]["plan"]
+    expert = plan.sites["expert.0"]
+    assert expert.calls == 3
+    assert len(plan.groups["expert.0"].inputs) == 3  # the transform is applied on each call's input
+    weights = [k for k in gm.state_dict() if k.endswith(".weight")]
+    assert sorted(weights) == ["fxquant.encoder.weight", "fxquant.expert_0.weight", "fxquant.expert_2.weight"]
+    linears = [n for n in gm.graph.nodes if n.meta.get(META, {}).get("role") == "linear"]
+    assert len(linears) == 1 + 3 * 2
+    # every call counted in calibration: 3 batches x 4 rows x 3 calls
+    assert plan.groups["expert.0"].stats["tokens"] == 3 * 4 * 3
+
+
+def test_passes_are_idempotent():
+    gm = quantize_graph(tiny_llama(), token_batches(2), FAST)
+    plan = gm.meta[META]["plan"]
+    code = gm.code
+    assert not Normalize()(gm).modified
+    assert not InsertTransforms(plan, {}, {})(gm).modified
+    assert not QuantizeActivations(plan, {})(gm).modified
+    assert not QuantizeWeights(plan, {}, "fake")(gm).modified
+    assert not DropUnusedConstants()(gm).modified
+    assert gm.code == code
+
+
+def test_packed_weights_hold_int4_codes_and_match_fake():
+    data = token_batches(2)
+    fake = quantize_graph(tiny_llama(), data, FAST)
+    packed = quantize_graph(tiny_llama(), data, QuantConfig(rotation_steps=16, block_size=16, weight_format="packed"))
+    codes = [v for k, v in packed.state_dict().items() if k.endswith("w_packed")]
+    assert len(codes) == 14 and all(c.dtype == torch.uint8 for c in codes)
+    assert not any(k.endswith(".weight") and k.startswith("fxquant.") for k in packed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**data[0]).logits, fake(**data[0]).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_and_data_give_bit_identical_graphs():
+    a = quantize_graph(tiny_llama(), token_batches(2), FAST)
+    b = quantize_graph(tiny_llama(), token_batches(2), FAST)
+    assert a.code == b.code
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = quantize_graph(tiny_llama(), token_batches(2), QuantConfig(rotation_steps=16, block_size=16, seed=1))
+    assert not torch.equal(c.state_dict()["fxquant.model_layers_0_mlp_down_proj.weight"],
+                           sa["fxquant.model_layers_0_mlp_down_proj.weight"])
+
+
+def test_dry_run_returns_plan_without_rewriting():
+    plan = quantize_graph(tiny_llama(), token_batches(1), FAST, dry_run=True)
+    table = plan.table()
+    assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}" in table
+    assert "lm_head" in table and "excluded" in table
+    assert len(plan.groups) == 8 and len(plan.active_sites()) == 14

@@ -1,0 +1,46 @@
+"""Tests 4 and 5: DuQuant beats round-to-nearest on outlier activations; every batch counts."""
+
+import torch
+from models import OutlierMLP, mlp, tensor_batches
+
+from fxquant import QuantConfig, quantize_graph
+from fxquant.passes.common import META
+
+RTN = QuantConfig(smooth_alpha=None, rotation_steps=0, permute=False, w_clip="minmax")
+DUQUANT = QuantConfig(w_clip="minmax")
+
+
+def _sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()))
+
+
+def test_duquant_w4a8_beats_rtn_on_outlier_channels():
+    model = OutlierMLP()
+    calib = tensor_batches(8, (64, 128), seed=0)
+    held_out = torch.cat(tensor_batches(4, (64, 128), seed=1))
+    with torch.no_grad():
+        want = model(held_out)
+        rtn = _sqnr(quantize_graph(model, calib, RTN)(held_out), want)
+        duq = _sqnr(quantize_graph(model, calib, DUQUANT)(held_out), want)
+    # measured: RTN ~11.6 dB, DuQuant ~17.9 dB on this model (W4 per-channel, A8 static per-tensor)
+    assert duq > rtn + 4.0, f"DuQuant SQNR {duq:.1f} dB vs RTN {rtn:.1f} dB"
+
+
+def test_calibration_uses_every_batch():
+    batches = tensor_batches(4, (8, 64))
+    peaked = [b.clone() for b in batches]
+    peaked[-1][0, 5] = 40.0  # only the last batch holds the peak
+    config = QuantConfig(a_percentile=100.0, rotation_steps=8, block_size=16)
+    plans = [quantize_graph(mlp(), data, config).meta[META]["plan"] for data in (batches, peaked)]
+    first = [p.groups["0"] for p in plans]
+    assert first[1].stats["absmax_before"][5] == 40.0
+    assert first[0].stats["absmax_before"][5] < 40.0
+    assert not torch.equal(first[0].stats["act_scale"], first[1].stats["act_scale"])
+    assert first[1].stats["tokens"] == 4 * 8
+
+
+def test_generator_loader_is_read_for_both_calibration_passes():
+    batches = tensor_batches(3, (8, 64))
+    gm = quantize_graph(mlp(), (b for b in batches), QuantConfig(rotation_steps=8, block_size=16))
+    assert gm.meta[META]["plan"].groups["0"].stats["tokens"] == 3 * 8
+    assert "act_scale" in gm.meta[META]["plan"].groups["0"].stats
