@@ -22,8 +22,8 @@ def test_duquant_w4a8_beats_rtn_on_outlier_channels():
         want = model(held_out)
         rtn = _sqnr(quantize_graph(model, calib, RTN)(held_out), want)
         duq = _sqnr(quantize_graph(model, calib, DUQUANT)(held_out), want)
-    # measured: RTN ~11.6 dB, DuQuant ~17.9 dB on this model (W4 per-channel, A8 static per-tensor)
-    assert duq > rtn + 4.0, f"DuQuant SQNR {duq:.1f} dB vs RTN {rtn:.1f} dB"
+    # measured (torch 2.13 CPU): RTN 12.7 dB, DuQuant 20.0 dB (W4 per-channel minmax, A8 static per-tensor)
+    assert duq > rtn + 5.0, f"DuQuant SQNR {duq:.1f} dB vs RTN {rtn:.1f} dB"
 
 
 def test_calibration_uses_every_batch():
