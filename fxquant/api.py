@@ -37,6 +37,16 @@ def quantize_graph(model: nn.Module, calib_loader: Iterable[Any], config: QuantC
     loader = _reiterable(calib_loader)
     first = example_inputs if example_inputs is not None else _first_batch(loader)
     gm = capture(model, *batch_to_call(first), method=config.capture)
+    return quantize_module(gm, loader, config, dry_run=dry_run)
+
+
+def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: QuantConfig, *,
+                    dry_run: bool = False) -> fx.GraphModule | QuantPlan:
+    """The stages after capture, on a GraphModule whose weights are get_attr constants.
+
+    ``calib_loader`` yields batches for ``gm`` itself (Tensor, tuple or dict, as for quantize_graph).
+    """
+    loader = _reiterable(calib_loader)
     gm = _run([Normalize()], gm)
     plan = make_plan(gm, config)
     if dry_run:

@@ -12,6 +12,7 @@ See docs/duquant.md; the [fxquant] deviations are noted where they are implement
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,8 @@ from torch import Tensor
 
 _MIN_BLOCK = 16  # below this a block rotation spreads outliers too little to be worth it
 _MAX_DENSE = 1024  # largest dim for which a dense D x D fallback rotation is acceptable
-_CHUNK = 256  # rows per GEMM in the greedy search (see _rows_times)
+_CHUNK = 64  # rows per exact float64 GEMM in the greedy search (see _exact_rows)
+_SCREEN: torch.dtype | None = None  # cached by _screen_dtype
 _NORM_SLACK = 1e-6  # relative margin: a computed |x @ R| may exceed ||x|| by rounding (~1e-13)
 
 
@@ -114,15 +116,44 @@ def seed_matrix(block_size: int, generator: torch.Generator) -> Tensor:
     return s
 
 
-def _rows_times(x: Tensor, r: Tensor, out: Tensor, start: int, stop: int) -> None:
-    """out[start:stop] = x[start:stop] @ r, one GEMM of exactly _CHUNK rows at a time.
+def _screen_dtype() -> torch.dtype:
+    """Cheapest dtype whose GEMM error we can bound, for the first pass of the pruned search.
 
-    A BLAS GEMM's rounding for a row can depend on the matrix height (MKL uses a different
-    kernel for the row remainder), so the pruned and exhaustive searches always issue
-    identically shaped GEMMs on identical chunks. This is what makes their results equal.
+    bfloat16 inputs with float32 accumulation (oneDNN) where that is fast (AVX512-BF16, AMX);
+    float32 where float32 GEMMs are plain IEEE; else float64. Only speed depends on this.
     """
-    for a in range(start, stop, _CHUNK):
-        torch.matmul(x[a : a + _CHUNK], r, out=out[a : a + _CHUNK])
+    global _SCREEN
+    if _SCREEN is None:
+        _SCREEN = torch.float64
+        try:
+            if torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee"):
+                _SCREEN = torch.float32
+        except (AttributeError, RuntimeError):
+            pass
+        g = torch.Generator().manual_seed(0)  # never touch the global RNG
+        a, r = torch.rand(4096, 128, generator=g), torch.rand(128, 128, generator=g)
+        times = {}
+        for dt in (torch.bfloat16, torch.float32):
+            ad, rd = a.to(dt), r.to(dt)
+            ad @ rd  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(3):
+                ad @ rd
+            times[dt] = time.perf_counter() - t0
+        if times[torch.bfloat16] < 0.6 * times[torch.float32]:
+            _SCREEN = torch.bfloat16
+    return _SCREEN
+
+
+def _exact_rows(xs: Tensor, r: Tensor, rows: Tensor) -> Tensor:
+    """Float64 values xs[rows] @ r, bit-identical whichever other rows are asked for.
+
+    A BLAS GEMM's rounding for a row depends on the matrix height (MKL uses another kernel
+    for the row remainder), so every exact value comes from a GEMM of the same fixed chunk.
+    """
+    ids = torch.unique(rows // _CHUNK)
+    full = torch.cat([xs[c * _CHUNK : (c + 1) * _CHUNK] @ r for c in ids.tolist()])
+    return full[torch.searchsorted(ids, rows // _CHUNK) * _CHUNK + rows % _CHUNK]
 
 
 def greedy_rotation(
@@ -132,10 +163,12 @@ def greedy_rotation(
 
     Each step spreads the channel of the largest |entry| with S_e (the seed with rows and
     cols 0, e swapped); the prefix of steps with the smallest global range (max - min) wins.
-    prune=True gives the same matrix as prune=False: an orthogonal map keeps row norms, so
-    a row with ||x|| below both |max| and |min| of the active rows cannot hold the max, min
-    or argmax. Rows are sorted by norm (stable) and only a prefix of them is evaluated;
-    ties of |entry| go to the first one in that order, in both modes.
+    Rows are sorted by norm (stable); ties of |entry| go to the first in that order.
+    Each step screens rows cheaply, then recomputes in float64 only the rows that can hold
+    the max or min (screen error is bounded by a per-row margin), so the decisions are
+    exact. prune=False screens every row in float64. prune=True gives the same matrix, but
+    screens in a cheaper dtype and skips rows by norm: an orthogonal map keeps row norms,
+    so a row with ||x|| below both |max| and |min| of the screened rows cannot matter.
     """
     b = block_size
     if rows.ndim != 2 or rows.shape[1] % b:
@@ -144,40 +177,48 @@ def greedy_rotation(
     if not torch.isfinite(x).all():
         raise ValueError("greedy_rotation: calibration rows contain inf/nan")
     seed = seed_matrix(b, generator)
-    eye = torch.eye(b, dtype=torch.float64)
+    r = torch.eye(b, dtype=torch.float64)
     m = x.shape[0]
-    if m == 0 or steps <= 0:
-        return eye
     norms = torch.linalg.vector_norm(x, dim=1)
+    if m == 0 or steps <= 0 or norms.max() == 0:
+        return r
     order = torch.sort(norms, descending=True, stable=True).indices
-    m_pad = -(-m // _CHUNK) * _CHUNK
-    xs = torch.zeros(m_pad, b, dtype=torch.float64)  # zero padding keeps every chunk full
+    ns = norms[order]
+    xs = torch.zeros(-(-m // _CHUNK) * _CHUNK, b, dtype=torch.float64)  # full chunks
     xs[:m] = x[order]
-    bounds = torch.cat([norms[order] * (1 + _NORM_SLACK), torch.zeros(1, dtype=torch.float64)])
-    work = torch.empty_like(xs)
-    r = eye
-    best_range, best_r = math.inf, eye
-    active = min(m_pad, _CHUNK) if prune else m_pad  # rows evaluated, a multiple of _CHUNK
+    sd = _screen_dtype() if prune and ns[0] < 1e30 else torch.float64
+    u_in, u_acc, u64 = (torch.finfo(t).eps / 2 for t in (sd, torch.promote_types(sd, torch.float32), torch.float64))
+    # |screened - exact| <= (rounding of x, R, output + accumulation + float64's own) * ||x||
+    margin = ns * 1.5 * (3 * u_in + (b + 2) * (u_acc + u64)) + 1e-30
+    bounds = torch.cat([ns * (1 + _NORM_SLACK), ns.new_zeros(1)])  # >= |entry| of rows i..
+    xsd = xs[:m].to(sd)
+    best_range, best_r = math.inf, r
     for step in range(steps + 1):
-        _rows_times(xs, r, work, 0, active)
+        rsd, n = r.to(sd), 0
+        rmax, rmin = ns.new_empty(0), ns.new_empty(0)
+        need = math.inf if prune else -math.inf  # grow the screened prefix to rows >= need
         while True:
-            v = work[: min(active, m)]
-            lo, hi = torch.aminmax(v)
-            lo, hi = lo.item(), hi.item()
-            # Every unevaluated entry lies in [-bound, bound] (rows are sorted by norm).
-            bound = bounds[active].item() if active < m else -math.inf
-            if hi > bound and -lo > bound:
-                break
-            need = min(hi, -lo)
             grow = int((bounds[:m] >= need).sum()) if need > 0 else m
-            new = min(m_pad, max(-(-grow // _CHUNK) * _CHUNK, active + _CHUNK))
-            _rows_times(xs, r, work, active, new)
-            active = new
+            new = min(m, max(grow, n + _CHUNK))
+            v = xsd[n:new] @ rsd
+            rmax, rmin = torch.cat([rmax, v.amax(1).double()]), torch.cat([rmin, v.amin(1).double()])
+            n = new
+            hi_lb = float((rmax - margin[:n]).max())  # certified: true max >= hi_lb
+            lo_ub = float((rmin + margin[:n]).min())
+            need = min(hi_lb, -lo_ub)
+            if n == m or need > float(bounds[n]):
+                break
+        cand = torch.nonzero((rmax + margin[:n] >= hi_lb) | (rmin - margin[:n] <= lo_ub)).flatten()
+        vals = _exact_rows(xs, r, cand)
+        vmax, vmin = vals.amax(1), vals.amin(1)
+        hi, lo = float(vmax.max()), float(vmin.min())
         if hi - lo < best_range:  # strict: the earliest (shortest) prefix wins ties
             best_range, best_r = hi - lo, r
         if step == steps:
             break
-        e = int(v.abs().argmax()) % b  # argmax returns the first occurrence: deterministic
+        peak = max(hi, -lo)
+        row = int(torch.nonzero(torch.maximum(vmax, -vmin) == peak)[0, 0])
+        e = int(torch.nonzero(vals[row].abs() == peak)[0, 0])
         swap = torch.arange(b)
         swap[0], swap[e] = e, 0
         r = r @ seed[swap][:, swap]

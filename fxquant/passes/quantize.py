@@ -56,7 +56,7 @@ class QuantizeActivations(PassBase):
                     else:
                         q = gm.graph.create_node("call_function", ops.fake_quant_static, (x_t, scale, qmax),
                                                  name=f"{x_t.name}_q")
-                tag(q, group=group.name, role="quantize", bits=c.a_bits, granularity=c.a_granularity)
+                tag(q, group=group.name, role="quantize", bits=c.a_bits, granularity=c.a_granularity, stats=group.stats)
                 for linear in linears:
                     linear.replace_input_with(x_t, q)
                     linear.meta[META]["a_bits"] = c.a_bits

@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import ops
 from ..duquant import Transform
-from ..plan import QuantPlan
+from ..plan import Group, QuantPlan
 from .common import META, finish, get_constant, is_linear, set_constant, site_key, tag
 
 
@@ -42,12 +42,12 @@ class InsertTransforms(PassBase):
                 continue  # already rewritten: a second run changes nothing
             constants = _register_transform(gm, group.key, self.transforms[group.name])
             for x, readers in pending.items():
-                x_t = _insert_chain(gm, x, group.name, constants)
+                x_t = _insert_chain(gm, x, group, constants)
                 for linear in readers:
                     name = _site(linear)
                     target = set_constant(gm, site_key(name), "weight", self.weights[name])
                     linear.args = (x_t, get_constant(gm, target), *linear.args[2:])
-                    tag(linear, site=name, group=group.name, role="linear", stage="transformed")
+                    tag(linear, site=name, group=group.name, role="linear", stats=self.plan.sites[name].stats)
             modified = True
         if modified:
             finish(gm)
@@ -70,7 +70,7 @@ def _register_transform(gm: fx.GraphModule, key: str, t: Transform) -> dict[str,
     return targets
 
 
-def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: str, constants: dict[str, str]) -> fx.Node:
+def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: Group, constants: dict[str, str]) -> fx.Node:
     steps = [("inv_smooth", torch.mul, "smooth"), ("rot1", ops.block_rotate, "rotate"),
              ("perm", ops.permute_channels, "permute"), ("rot2", ops.block_rotate, "rotate2")]
     current = x
@@ -80,5 +80,5 @@ def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: str, constants: dict[st
         value = get_constant(gm, constants[constant])  # constants sit at the top of the graph
         with gm.graph.inserting_after(current):
             current = gm.graph.create_node("call_function", fn, (current, value), name=f"{x.name}_{role}")
-        tag(current, group=group, role=role, constant=constants[constant])
+        tag(current, group=group.name, role=role, constant=constants[constant], stats=group.stats)
     return current
