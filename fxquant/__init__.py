@@ -2,7 +2,8 @@
 
 from .api import quantize_graph
 from .config import QuantConfig
+from .dump import dump
 from .plan import QuantPlan
 
-__all__ = ["QuantConfig", "QuantPlan", "quantize_graph"]
+__all__ = ["QuantConfig", "QuantPlan", "dump", "quantize_graph"]
 __version__ = "0.1.0"

@@ -77,6 +77,8 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
             if plan.sites[s].config.w_quantized:
                 quantized[s] = solve.solve_weight(plan.sites[s].config, weights[s], gram)
                 plan.sites[s].stats["weight_error"] = solve.weight_error(weights[s], quantized[s])
+                if config.keep_float_weights:
+                    plan.sites[s].stats["weight_float"] = weights[s]
     gm = _run([QuantizeActivations(plan, scales), QuantizeWeights(plan, quantized, config.weight_format),
                DropUnusedConstants()], gm)
     gm.meta[META] = {"config": config, "plan": plan}

@@ -49,6 +49,8 @@ class QuantConfig:
     capture: str = "export"  # "export" (torch.export, dynamic dims) or "symbolic_trace"
     weight_format: str = "fake"  # "fake": dequantized float constant; "packed": int4/int8 codes + scales
     skip: bool = False  # only meaningful in overrides: leave the matching layers in float
+    keep_float_weights: bool = False  # keep each transformed float weight in the plan (never in the
+    # module), so fxquant.dump can report a site's SQNR against float weights; costs a float copy
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _as_tuple("include", self.include))
@@ -142,7 +144,7 @@ def _validate(c: QuantConfig, where: str) -> None:
             raise _bad(where, name, value, "use a non-negative integer")
     if c.calib_tokens < 1:
         raise _bad(where, "calib_tokens", c.calib_tokens, "keep at least one row, e.g. 2048")
-    for name in ("permute", "w_symmetric", "skip"):
+    for name in ("permute", "w_symmetric", "skip", "keep_float_weights"):
         if not isinstance(getattr(c, name), bool):
             raise _bad(where, name, getattr(c, name), "use True or False")
 

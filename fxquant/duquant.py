@@ -20,8 +20,8 @@ from torch import Tensor
 
 _MIN_BLOCK = 16  # below this a block rotation spreads outliers too little to be worth it
 _MAX_DENSE = 1024  # largest dim for which a dense D x D fallback rotation is acceptable
-_CHUNK = 64  # rows per exact float64 GEMM in the greedy search (see _exact_rows)
-_SCREEN: torch.dtype | None = None  # cached by _screen_dtype
+_CHUNK = 64  # rows per screening reduction and per exact float64 GEMM in the greedy search
+_BF16_FAST: bool | None = None  # measured once by _screen_dtype
 _NORM_SLACK = 1e-6  # relative margin: a computed |x @ R| may exceed ||x|| by rounding (~1e-13)
 
 
@@ -91,10 +91,10 @@ def _givens_uniform_first_row(b: int) -> Tensor:
     g = torch.eye(b, dtype=torch.float64)
     for i in range(b - 1):
         c, s = 1.0 / math.sqrt(i + 2), math.sqrt(i + 1) / math.sqrt(i + 2)
-        rot = torch.eye(b, dtype=torch.float64)
-        rot[i, i] = rot[i + 1, i + 1] = c
-        rot[i, i + 1], rot[i + 1, i] = -s, s
-        g = rot @ g  # G_{b-2} ... G_1 G_0: row b-1 ends up uniform (checked numerically)
+        # g = G_i @ g, G_i = [[c, -s], [s, c]] on (i, i+1): only rows i and i+1 change.
+        gi, gj = g[i].clone(), g[i + 1].clone()
+        g[i], g[i + 1] = c * gi - s * gj, s * gi + c * gj
+    # G_{b-2} ... G_0 has a uniform last row (checked numerically); swap it to row 0.
     swap = list(range(b))
     swap[0], swap[-1] = b - 1, 0
     return g[swap][:, swap]
@@ -117,43 +117,30 @@ def seed_matrix(block_size: int, generator: torch.Generator) -> Tensor:
 
 
 def _screen_dtype() -> torch.dtype:
-    """Cheapest dtype whose GEMM error we can bound, for the first pass of the pruned search.
+    """Cheapest dtype whose GEMM error is bounded, for the first pass of the pruned search.
 
-    bfloat16 inputs with float32 accumulation (oneDNN) where that is fast (AVX512-BF16, AMX);
-    float32 where float32 GEMMs are plain IEEE; else float64. Only speed depends on this.
+    bfloat16 (float32 accumulation) where it is fast (AVX512-BF16, AMX: timed once), float32
+    where float32 GEMMs are plain IEEE (checked each call), else float64. Only speed depends
+    on the choice: the margins make every decision exact.
     """
-    global _SCREEN
-    if _SCREEN is None:
-        _SCREEN = torch.float64
-        try:
-            if torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee"):
-                _SCREEN = torch.float32
-        except (AttributeError, RuntimeError):
-            pass
-        g = torch.Generator().manual_seed(0)  # never touch the global RNG
-        a, r = torch.rand(4096, 128, generator=g), torch.rand(128, 128, generator=g)
-        times = {}
-        for dt in (torch.bfloat16, torch.float32):
-            ad, rd = a.to(dt), r.to(dt)
-            ad @ rd  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(3):
-                ad @ rd
-            times[dt] = time.perf_counter() - t0
-        if times[torch.bfloat16] < 0.6 * times[torch.float32]:
-            _SCREEN = torch.bfloat16
-    return _SCREEN
-
-
-def _exact_rows(xs: Tensor, r: Tensor, rows: Tensor) -> Tensor:
-    """Float64 values xs[rows] @ r, bit-identical whichever other rows are asked for.
-
-    A BLAS GEMM's rounding for a row depends on the matrix height (MKL uses another kernel
-    for the row remainder), so every exact value comes from a GEMM of the same fixed chunk.
-    """
-    ids = torch.unique(rows // _CHUNK)
-    full = torch.cat([xs[c * _CHUNK : (c + 1) * _CHUNK] @ r for c in ids.tolist()])
-    return full[torch.searchsorted(ids, rows // _CHUNK) * _CHUNK + rows % _CHUNK]
+    global _BF16_FAST
+    if _BF16_FAST is None:
+        a = torch.rand(4096, 128, generator=torch.Generator().manual_seed(0))  # not the global RNG
+        best = {torch.bfloat16: math.inf, torch.float32: math.inf}
+        for dt in best:
+            ad = a.to(dt)
+            for _ in range(3):  # min over calls: the first one may build the kernel
+                t0 = time.perf_counter()
+                ad @ ad[:128]
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+        _BF16_FAST = best[torch.bfloat16] < 0.6 * best[torch.float32]
+    if _BF16_FAST:
+        return torch.bfloat16
+    try:
+        ieee = torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")
+    except (AttributeError, RuntimeError):
+        ieee = False
+    return torch.float32 if ieee else torch.float64
 
 
 def greedy_rotation(
@@ -163,14 +150,15 @@ def greedy_rotation(
 
     Each step spreads the channel of the largest |entry| with S_e (the seed with rows and
     cols 0, e swapped); the prefix of steps with the smallest global range (max - min) wins.
-    Rows are sorted by norm (stable); ties of |entry| go to the first in that order.
-    Each step screens rows cheaply, then recomputes in float64 only the rows that can hold
-    the max or min (screen error is bounded by a per-row margin), so the decisions are
-    exact. prune=False screens every row in float64. prune=True gives the same matrix, but
-    screens in a cheaper dtype and skips rows by norm: an orthogonal map keeps row norms,
-    so a row with ||x|| below both |max| and |min| of the screened rows cannot matter.
+    Rows are sorted by norm (stable) and cut in chunks of _CHUNK; ties of |entry| go to the
+    first in that order. Each step screens chunks with one cheap GEMM, then recomputes in
+    float64 only the chunks that can hold the max or min (the screen's error is bounded by
+    a margin from the row norms), so every decision is exact. prune=False screens every chunk in
+    float64. prune=True gives the same matrix, but screens in bfloat16/float32 and skips
+    chunks by norm: an orthogonal map keeps row norms, so rows whose norm is below both
+    |max| and |min| of the screened rows cannot matter.
     """
-    b = block_size
+    b, c = block_size, _CHUNK
     if rows.ndim != 2 or rows.shape[1] % b:
         raise ValueError(f"greedy_rotation: rows {tuple(rows.shape)} must be (N, D) with D % {b} == 0")
     x = rows.detach().to(torch.float64).reshape(-1, b)
@@ -178,47 +166,53 @@ def greedy_rotation(
         raise ValueError("greedy_rotation: calibration rows contain inf/nan")
     seed = seed_matrix(b, generator)
     r = torch.eye(b, dtype=torch.float64)
-    m = x.shape[0]
     norms = torch.linalg.vector_norm(x, dim=1)
-    if m == 0 or steps <= 0 or norms.max() == 0:
+    if x.shape[0] == 0 or steps <= 0 or norms.max() == 0:
         return r
     order = torch.sort(norms, descending=True, stable=True).indices
+    k = -(-x.shape[0] // c)  # chunks; padding repeats the last row, changing no max or min
+    order = torch.cat([order, order[-1:].expand(k * c - x.shape[0])])
     ns = norms[order]
-    xs = torch.zeros(-(-m // _CHUNK) * _CHUNK, b, dtype=torch.float64)  # full chunks
-    xs[:m] = x[order]
-    sd = _screen_dtype() if prune and ns[0] < 1e30 else torch.float64
+    xs, top = x[order], ns[::c]  # top: the largest row norm of each chunk
+    # Screening segments: the rows of chunk 0 one by one (norms vary most at the top, and a
+    # margin sized for the largest row would swamp the others), then whole chunks.
+    seg_chunk = torch.cat([torch.zeros(c, dtype=torch.long), torch.arange(1, k)])
+    sd = _screen_dtype() if prune and top[0] < 1e30 else torch.float64
     u_in, u_acc, u64 = (torch.finfo(t).eps / 2 for t in (sd, torch.promote_types(sd, torch.float32), torch.float64))
     # |screened - exact| <= (rounding of x, R, output + accumulation + float64's own) * ||x||
-    margin = ns * 1.5 * (3 * u_in + (b + 2) * (u_acc + u64)) + 1e-30
-    bounds = torch.cat([ns * (1 + _NORM_SLACK), ns.new_zeros(1)])  # >= |entry| of rows i..
-    xsd = xs[:m].to(sd)
+    margin = torch.cat([ns[:c], top[1:]]) * 1.5 * (3 * u_in + (b + 2) * (u_acc + u64)) + 1e-30
+    bound = torch.cat([top * (1 + _NORM_SLACK), top.new_zeros(1)])  # >= |entry| in chunks i..
+    xsd = xs.to(sd)
     best_range, best_r = math.inf, r
+    n = 1 if prune else k  # screened prefix of chunks: it only grows, so GEMM shapes repeat
     for step in range(steps + 1):
-        rsd, n = r.to(sd), 0
-        rmax, rmin = ns.new_empty(0), ns.new_empty(0)
-        need = math.inf if prune else -math.inf  # grow the screened prefix to rows >= need
+        rsd, done = r.to(sd), 0
+        smax, smin = top.new_empty(0), top.new_empty(0)
         while True:
-            grow = int((bounds[:m] >= need).sum()) if need > 0 else m
-            new = min(m, max(grow, n + _CHUNK))
-            v = xsd[n:new] @ rsd
-            rmax, rmin = torch.cat([rmax, v.amax(1).double()]), torch.cat([rmin, v.amin(1).double()])
-            n = new
-            hi_lb = float((rmax - margin[:n]).max())  # certified: true max >= hi_lb
-            lo_ub = float((rmin + margin[:n]).min())
+            v = (xsd[done * c : n * c] @ rsd).view(-1, b)
+            h = c if done == 0 else 0  # rows reduced one by one (chunk 0)
+            smax = torch.cat([smax, v[:h].amax(1).double(), v[h:].view(-1, c * b).amax(1).double()])
+            smin = torch.cat([smin, v[:h].amin(1).double(), v[h:].view(-1, c * b).amin(1).double()])
+            done, seg = n, c + n - 1
+            hi_lb = float((smax - margin[:seg]).max())  # certified: true max >= hi_lb
+            lo_ub = float((smin + margin[:seg]).min())  # and true min <= lo_ub
             need = min(hi_lb, -lo_ub)
-            if n == m or need > float(bounds[n]):
+            if n == k or need > float(bound[n]):  # unscreened |entries| <= bound[n]
                 break
-        cand = torch.nonzero((rmax + margin[:n] >= hi_lb) | (rmin - margin[:n] <= lo_ub)).flatten()
-        vals = _exact_rows(xs, r, cand)
-        vmax, vmin = vals.amax(1), vals.amin(1)
-        hi, lo = float(vmax.max()), float(vmin.min())
+            n = k if need <= 0 else min(k, max(n + 1, int((bound[:k] >= need).sum())))
+        hit = (smax + margin[:seg] >= hi_lb) | (smin - margin[:seg] <= lo_ub)
+        cand = torch.unique(seg_chunk[:seg][hit])
+        # Exact values, always from the same (c, B) @ (B, B) GEMM per chunk: a GEMM's rounding
+        # for a row depends on the matrix height (MKL's row-remainder kernel), so the pruned
+        # and exhaustive searches must not batch chunks differently.
+        vals = torch.cat([xs[i * c : (i + 1) * c] @ r for i in cand.tolist()])
+        hi, lo = float(vals.max()), float(vals.min())
         if hi - lo < best_range:  # strict: the earliest (shortest) prefix wins ties
             best_range, best_r = hi - lo, r
         if step == steps:
             break
-        peak = max(hi, -lo)
-        row = int(torch.nonzero(torch.maximum(vmax, -vmin) == peak)[0, 0])
-        e = int(torch.nonzero(vals[row].abs() == peak)[0, 0])
+        first = int(torch.nonzero((vals.abs() == max(hi, -lo)).flatten())[0, 0])  # in sorted order
+        e = first % b
         swap = torch.arange(b)
         swap[0], swap[e] = e, 0
         r = r @ seed[swap][:, swap]
@@ -303,13 +297,14 @@ def build_transform(
     return Transform(d, smooth, b, rots[0], perm, rots[1], note="; ".join(notes))
 
 
-def _check(t: Transform, d: int, what: str) -> None:
-    if d != t.dim:
-        raise ValueError(f"{what}: last dim {d} does not match the transform dim {t.dim}")
-
-
-def _rotate_chain(y: Tensor, t: Transform) -> Tensor:
-    """y @ blockdiag(R1) P blockdiag(R2), in y's dtype."""
+def _chain(x: Tensor, t: Transform, divide: bool, what: str) -> Tensor:
+    """(x / smooth if divide else x * smooth) @ blockdiag(R1) P blockdiag(R2), in x.dtype."""
+    if x.shape[-1] != t.dim:
+        raise ValueError(f"{what}: last dim {x.shape[-1]} does not match the transform dim {t.dim}")
+    # Half types would lose the transform's precision: compute in float32, cast back.
+    y = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if t.smooth is not None:
+        y = y / t.smooth.to(y.dtype) if divide else y * t.smooth.to(y.dtype)
     if t.block_size is not None:
         if t.rot1 is not None:
             y = _block_rotate(y, t.rot1, t.block_size)
@@ -317,37 +312,23 @@ def _rotate_chain(y: Tensor, t: Transform) -> Tensor:
             y = y[..., t.perm]
         if t.rot2 is not None:
             y = _block_rotate(y, t.rot2, t.block_size)
-    return y
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half types would lose the transform's precision: compute in float32, cast back.
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return y.to(x.dtype)
 
 
 def apply_to_activation(x: Tensor, t: Transform) -> Tensor:
     """x @ T along the last dim (any leading dims), returned in x.dtype."""
-    _check(t, x.shape[-1], "apply_to_activation")
-    y = x.to(_work_dtype(x.dtype))
-    if t.smooth is not None:
-        y = y / t.smooth.to(y.dtype)
-    return _rotate_chain(y, t).to(x.dtype)
+    return _chain(x, t, True, "apply_to_activation")
 
 
 def apply_to_weight(w: Tensor, t: Transform) -> Tensor:
     """w (out, D) -> w @ T^-T = (w * smooth) @ blockdiag(R1) P blockdiag(R2), in w.dtype."""
-    _check(t, w.shape[-1], "apply_to_weight")
-    y = w.to(_work_dtype(w.dtype))
-    if t.smooth is not None:
-        y = y * t.smooth.to(y.dtype)
-    return _rotate_chain(y, t).to(w.dtype)
+    return _chain(w, t, False, "apply_to_weight")
 
 
 def transform_gram(gram: Tensor, t: Transform) -> Tensor:
     """T^T H T in float64 for H = X^T X (D, D): the Gram of the transformed activation."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"transform_gram: gram must be square (D, D), got {tuple(gram.shape)}")
-    _check(t, gram.shape[-1], "transform_gram")
     ht = apply_to_activation(gram.to(torch.float64), t)  # H T: T acts on rows of H
     return apply_to_activation(ht.T.contiguous(), t).T  # ((H T)^T T)^T = T^T H T
 

@@ -61,22 +61,9 @@ class QuantPlan:
         return [s for s in self.sites.values() if not s.skip]
 
     def table(self) -> str:
-        header = ("layer", "in", "out", "calls", "group", "w", "a", "block", "status")
-        rows = [header]
-        for s in self.sites.values():
-            g = self.groups.get(s.group)
-            a = "float" if not s.config.a_quantized else f"{s.config.a_bits}/{s.config.a_granularity}"
-            w = "float" if not s.config.w_quantized else f"{s.config.w_bits}/{s.config.w_group_size or 'ch'}"
-            block = "-" if g is None or g.block_size is None else str(g.block_size)
-            status = s.skip or (g.note if g and g.note else "quantized")
-            rows.append((s.name, str(s.in_features), str(s.out_features), str(s.calls), s.group or "-",
-                         "-" if s.skip else w, "-" if s.skip else a, block, status))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        summary = (f"{len(self.active_sites())} of {len(self.sites)} linear layers quantized "
-                   f"in {len(self.groups)} transform groups")
-        return "\n".join(lines + [summary])
+        from .dump import plan_table  # here because dump imports plan
+
+        return plan_table(self)
 
     __str__ = table
 

@@ -7,7 +7,8 @@ Conventions (b = bits, 2..8; 16-bit / float is the caller's business and never r
   scale = (hi - lo) / (2**b - 1), zero = round(-lo / scale), w ~ (code - zero) * scale;
 - scale and zero are per output row and per group of `group_size` input columns
   (group_size None: one group per row); all-zero rows get a tiny scale floor, never 0;
-- codes are int8 (out, in); round half to even (torch.round).
+- codes are int8 (out, in), except asymmetric 8-bit, whose [0, 255] needs uint8;
+  round half to even (torch.round).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _GPTQ_BLOCK = 128  # lazy-batch width of GPTQ
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    codes: Tensor  # (out, in) int8
+    codes: Tensor  # (out, in) int8 (uint8 for asymmetric 8-bit: codes up to 255)
     scale: Tensor  # (out, n_groups) float32
     zero: Tensor | None  # (out, n_groups) float32 for asymmetric, None for symmetric
     bits: int
@@ -37,6 +38,10 @@ def _code_range(bits: int, symmetric: bool) -> tuple[int, int]:
         raise ValueError(f"weight bits must be in 2..8, got {bits}")
     qmax = 2 ** (bits - 1) - 1
     return (-(qmax + 1), qmax) if symmetric else (0, 2**bits - 1)
+
+
+def _code_dtype(bits: int, symmetric: bool) -> torch.dtype:
+    return torch.uint8 if bits == 8 and not symmetric else torch.int8
 
 
 def _grouped(w: Tensor, group_size: int | None) -> Tensor:
@@ -88,7 +93,7 @@ def weight_scales(
     ones when None). Ratio 1.0 is in the grid, so "mse" never loses to "minmax" on that objective.
     """
     wg = _grouped(w, group_size)
-    if clip == "minmax" or isinstance(clip, (int, float)) and not isinstance(clip, bool):
+    if clip == "minmax" or (isinstance(clip, (int, float)) and not isinstance(clip, bool)):
         ratio = 1.0 if clip == "minmax" else float(clip)
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
@@ -135,7 +140,7 @@ def _gptq_codes(w: Tensor, gram: Tensor, scale: Tensor, zero: Tensor | None, bit
     wk = w.detach().to(torch.float64).clone()
     s64 = scale.to(torch.float64)
     z64 = None if zero is None else zero.to(torch.float64)
-    codes = torch.empty(out, cols, dtype=torch.int8)
+    codes = torch.empty(out, cols, dtype=_code_dtype(bits, zero is None))
     for a in range(0, cols, _GPTQ_BLOCK):
         b = min(a + _GPTQ_BLOCK, cols)
         blk = wk[:, a:b].clone()
@@ -143,7 +148,7 @@ def _gptq_codes(w: Tensor, gram: Tensor, scale: Tensor, zero: Tensor | None, bit
         for i in range(b - a):
             g = (a + i) // gs
             q, deq = _fake_quant(blk[:, i : i + 1], s64[:, g], None if z64 is None else z64[:, g], bits)
-            codes[:, a + i] = q[:, 0].to(torch.int8)
+            codes[:, a + i] = q[:, 0].to(codes.dtype)
             e = (blk[:, i] - deq[:, 0]) / hinv[a + i, a + i]
             blk[:, i:] -= e.unsqueeze(1) * hinv[a + i, a + i : b].unsqueeze(0)
             err[:, i] = e
@@ -174,7 +179,7 @@ def quantize_weight(
     diag = None if gram is None else gram.diagonal()
     scale, zero = weight_scales(w, bits, group_size=group_size, symmetric=symmetric, clip=clip, gram_diag=diag)
     if method == "rtn":
-        codes = _fake_quant(wg, scale, zero, bits)[0].reshape(w.shape).to(torch.int8)
+        codes = _fake_quant(wg, scale, zero, bits)[0].reshape(w.shape).to(_code_dtype(bits, symmetric))
     else:
         codes = _gptq_codes(w, gram, scale, zero, bits, wg.shape[2])
     return QuantizedWeight(codes, scale, zero, bits, group_size)

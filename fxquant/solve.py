@@ -25,10 +25,11 @@ def solve_transform(group: Group, stats: InputStats, weights: list[torch.Tensor]
     t = build_transform(stats.rows, stats.absmax, torch.cat(weights).float(), alpha=c.smooth_alpha,
                         block_size=c.block_size, steps=c.rotation_steps, permute=c.permute,
                         seed=c.seed * 1_000_003 + index)
-    after = apply_to_activation(stats.rows, t).abs()
-    group.stats.update(tokens=stats.tokens, absmax_before=stats.absmax.clone(),
-                       absmax_after=after.amax(0), mean_abs_before=float(stats.rows.abs().mean()),
-                       mean_abs_after=float(after.mean()))
+    # before and after on the same sampled rows, so the two are comparable
+    before, after = stats.rows.abs(), apply_to_activation(stats.rows, t).abs()
+    group.stats.update(tokens=stats.tokens, sampled_rows=before.shape[0], absmax_all=stats.absmax.clone(),
+                       absmax_before=before.amax(0), absmax_after=after.amax(0),
+                       mean_abs_before=float(before.mean()), mean_abs_after=float(after.mean()))
     return t
 
 

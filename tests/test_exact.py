@@ -1,5 +1,7 @@
 """Test 1: with 16-bit weights and activations, smoothing + rotation + permutation are exact."""
 
+import dataclasses
+
 import pytest
 import torch
 from models import FlowLoop, FunctionalAttention, mlp, tensor_batches, tiny_bert, tiny_gemma, tiny_llama, token_batches
@@ -15,6 +17,8 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 CASES = {
     "sequential_mlp": (lambda: mlp(), lambda: tensor_batches(3, (8, 64))),
+    # symbolic_trace: the group input is a placeholder, so constants must be defined above it
+    "sequential_mlp_symbolic_trace": (lambda: mlp(), lambda: tensor_batches(3, (8, 64))),
     "functional_attention": (lambda: FunctionalAttention(), lambda: tensor_batches(3, (2, 12, 64))),
     "flow_loop": (lambda: FlowLoop(), lambda: tensor_batches(3, (4, 64))),
     "llama": (tiny_llama, lambda: token_batches(3)),
@@ -38,7 +42,8 @@ def _output(out):
 def test_transform_only_graph_equals_model(case):
     build, batches = CASES[case]
     model, data = build(), batches()
-    gm = quantize_graph(model, data, EXACT)
+    config = dataclasses.replace(EXACT, capture="symbolic_trace") if case.endswith("symbolic_trace") else EXACT
+    gm = quantize_graph(model, data, config)
     roles = [n.meta["fxquant"]["role"] for n in gm.graph.nodes if "fxquant" in n.meta]
     assert "rotate" in roles and "smooth" in roles, f"{case}: no transform was inserted: {roles}"
     for batch in data + batches()[:1]:

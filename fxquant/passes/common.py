@@ -41,21 +41,18 @@ def set_constant(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor)
 
 
 def get_constant(gm: fx.GraphModule, target: str) -> fx.Node:
-    """A get_attr node for ``target``, reusing one that already exists in the graph."""
+    """A get_attr node for ``target``, reusing one that already exists in the graph.
+
+    New ones go at the very top of the graph, so they are defined before any use, including
+    uses right after a placeholder.
+    """
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target == target:
             return node
-    with gm.graph.inserting_before(_first_non_placeholder(gm.graph)):
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
         node = gm.graph.get_attr(target)
     node.meta[META] = {"role": "constant", "target": target}
     return node
-
-
-def _first_non_placeholder(graph: fx.Graph) -> fx.Node:
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            return node
-    raise AssertionError("graph has only placeholders")
 
 
 def tag(node: fx.Node, **info: Any) -> fx.Node:
