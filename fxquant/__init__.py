@@ -1,9 +1,11 @@
 """fxquant: DuQuant W4A8 quantization as FX graph passes, for torch.compile."""
 
-from .api import quantize_graph
+from . import backend  # noqa: F401  registers torch.compile(backend="fxquant") even without the entry point
+from .api import quantize_graph, quantize_module
 from .config import QuantConfig
 from .dump import dump
 from .plan import QuantPlan
+from .serialize import load, save
 
-__all__ = ["QuantConfig", "QuantPlan", "dump", "quantize_graph"]
+__all__ = ["QuantConfig", "QuantPlan", "dump", "load", "quantize_graph", "quantize_module", "save"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import solve
-from .calibrate import InputStats, RangeStats, observed_copy, run_loader
+from .calibrate import InputStats, RangeStats, observed_copy, progress, run_loader
 from .capture import batch_to_call, capture
 from .config import QuantConfig
 from .passes.cleanup import DropUnusedConstants
@@ -62,7 +62,7 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
 
     # solve the transforms, rewrite activations and weights with them (still exact in float)
     transforms, weights = {}, {}
-    for index, group in enumerate(plan.groups.values()):
+    for index, group in enumerate(progress(plan.groups.values(), "fxquant solve", unit="group")):
         floats = [fetch_attr(gm, plan.sites[s].weight).detach() for s in group.sites]
         transforms[group.name] = t = solve.solve_transform(group, inputs[group.name], floats, index)
         weights.update({s: solve.apply_to_weight(w.float(), t) for s, w in zip(group.sites, floats, strict=False)})

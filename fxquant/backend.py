@@ -19,6 +19,16 @@ Which graphs are calibrated from what (the README states the same):
   cannot reach: compiling it raises a ValueError that names the graph and what to do.
 - no ``calib_loader``: every graph is calibrated on the real inputs of the call that compiles it
   (its first call; for a recompile, the call that triggered it), with one warning.
+
+Shapes: a graph only runs inputs of the sizes Dynamo fixed in it. Use ``dynamic=True`` with a
+loader whose batches differ in shape from the calls (otherwise the first graph is static and its
+compile raises, saying so). A graph Dynamo specializes to batch size 1 is calibrated on the
+loader's batches one row at a time. Every compile (recompiles included) calibrates and solves
+again; deterministic, so the same loader gives the same quantization.
+
+Constants: parameters, buffers and every other tensor that is not an argument of the call
+(module attributes, globals, closure cells) are baked in at compile time, sharing storage with
+the model: in-place updates are seen, reassigned attributes are not (compile again).
 """
 
 from __future__ import annotations
@@ -52,8 +62,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
                     mode: str | None = None) -> Callable[..., Any]:
     """Dynamo backend: lift constants, calibrate, quantize, compile; returns the compiled callable.
 
-    ``options``: ``calib_loader`` (batches as for quantize_graph; a generator is read once per
-    compile), ``config`` (QuantConfig), ``inner`` ("inductor" by default, any registered backend
+    ``options``: ``calib_loader`` (batches as for quantize_graph; a generator is read once and
+    kept for recompiles), ``config`` (QuantConfig), ``inner`` ("inductor" by default, any registered backend
     name such as "eager", or a backend callable). ``mode`` is passed on to Inductor.
     """
     state = _STATE.setdefault(id(options), {"options": options})
@@ -66,7 +76,8 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     if not isinstance(config, QuantConfig):
         raise TypeError(f"options['config'] must be a fxquant.QuantConfig, got {type(config).__name__}")
     frame = _Frame.current()
-    inputs = _classify(gm, example_inputs, frame)
+    call = _Arguments(frame) if frame is not None else None
+    inputs = _classify(gm, example_inputs, frame, call)
     # Dynamo reads its graph again after the backend returns (to call the result): rewrite a copy
     constants = {i.node: (i.target, example_inputs[i.index]) for i in inputs if i.constant}
     gm = LiftConstants(constants)(_copy(gm)).graph_module
@@ -81,7 +92,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
             _warn(user)
         batches: Iterable[Any] = [tuple(_first_call_value(i, example_inputs, frame) for i in user)]
     else:
-        batches = _mapped_batches(loader, user, frame, gm, example_inputs)
+        batches = _mapped_batches(loader, user, frame, call, gm, example_inputs)
     quantized = quantize_module(gm, batches, config)
 
     kept = [example_inputs[i.index] for i in user]
@@ -152,20 +163,20 @@ class _Input:
     sizes: tuple[int | None, ...] | None = None  # tensor inputs: the sizes the graph fixed (None: dynamic)
 
 
-def _classify(gm: fx.GraphModule, example_inputs: Sequence[Any], frame: _Frame | None) -> list[_Input]:
+def _classify(gm: fx.GraphModule, example_inputs: Sequence[Any], frame: _Frame | None,
+              call: _Arguments | None) -> list[_Input]:
     """Split the placeholders: arguments of the call stay inputs, everything else becomes a constant."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise RuntimeError(f"fxquant backend: {len(placeholders)} graph inputs but {len(example_inputs)} "
                            "example inputs; this torch version passes inputs differently than expected")
-    args = _Arguments(frame) if frame is not None else None
     inputs = []
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
         grapharg = node.meta.get("grapharg")
         source = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
         item = _Input(index, node.name, source, constant=False)
-        if args is not None:
-            slot = args.slot(source)
+        if call is not None:
+            slot = call.slot(source)
             lift = slot is None
         else:  # no frame to bind the call to: lift what is visibly a parameter or buffer
             slot, lift = None, re.search(r"\._(parameters|buffers)\[", source) is not None
@@ -208,6 +219,10 @@ class _Arguments:
             if not isinstance(value, nn.Module):
                 self.varargs_positions[j] = position
                 position += 1
+        leading = [*(values.get(n) for n in names), *(values.get(self.varargs, ()) if self.varargs else ()),
+                   *values.values()]  # a wrapper's closure (torch.compile's own `fn`) comes last
+        model = next((v for v in leading if isinstance(v, nn.Module)), None)
+        self.params = _positional_params(model) if model is not None else []
 
     def slot(self, source: str) -> tuple[str, tuple[int | None, str | None]] | None:
         """(root source, (position, keyword)) when ``source`` reads a call argument, else None."""
@@ -221,18 +236,14 @@ class _Arguments:
         item = re.match(re.escape(root) + r"\[([^\]]+)\]", source)
         if item is None:
             return None
-        key = _literal(item.group(1))
+        try:
+            key = ast.literal_eval(item.group(1))
+        except (ValueError, SyntaxError):
+            return None
         if name == self.varargs and key in self.varargs_positions:
             return item.group(0), (self.varargs_positions[key], None)
         if name == self.varkw and isinstance(key, str):
             return item.group(0), (None, key)
-        return None
-
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
         return None
 
 
@@ -269,8 +280,8 @@ def _warn(user: list[_Input]) -> None:
                   "rough: pass calib_loader=<representative batches> for a real calibration.", stacklevel=2)
 
 
-def _mapped_batches(loader: Iterable[Any], user: list[_Input], frame: _Frame | None, gm: fx.GraphModule,
-                    example_inputs: Sequence[Any]) -> Iterable[tuple]:
+def _mapped_batches(loader: Iterable[Any], user: list[_Input], frame: _Frame | None, call: _Arguments | None,
+                    gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Iterable[tuple]:
     """The loader, each batch mapped to the tuple of this graph's remaining inputs (placeholder order)."""
     if user and frame is None:
         raise RuntimeError("fxquant backend: calib_loader needs the frame Dynamo is compiling, and none was "
@@ -278,7 +289,7 @@ def _mapped_batches(loader: Iterable[Any], user: list[_Input], frame: _Frame | N
     unmapped = [i for i in user if not i.root]
     if user and (frame.nested or unmapped):
         raise ValueError(_unmappable(gm, frame, unmapped or user))
-    return _Mapped(loader, user, _forward_params(frame) if frame is not None else [], example_inputs)
+    return _Mapped(loader, user, call.params if call is not None else [], example_inputs)
 
 
 class _Mapped:
@@ -291,21 +302,18 @@ class _Mapped:
     def __iter__(self) -> Iterator[tuple]:
         for number, batch in enumerate(self.loader):
             args, kwargs = batch_to_call(batch)
-            values = tuple(_resolve(i, args, kwargs, self.params, number) for i in self.user)
+            values = tuple(_as_graph_value(_resolve(i, args, kwargs, self.params, number), self.example_inputs[i.index])
+                           for i in self.user)
             for piece in _rows_if_batch_one(values, self.user):
                 _check_batch(piece, self.user, self.example_inputs, number)
                 yield piece
 
 
-def _forward_params(frame: _Frame) -> list[str]:
-    """Positional parameter names of the model the frame calls (to map a dict batch onto ``args``)."""
-    modules = [v for v in frame.f_locals.values() if isinstance(v, nn.Module)]
-    modules += [v for v in frame.f_locals.get("args", ()) if isinstance(v, nn.Module)]
-    if not modules:
-        return []
+def _positional_params(model: nn.Module) -> list[str]:
+    """Positional parameter names of ``model.forward``: to map a dict batch onto a positional call."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     try:
-        return [p.name for p in inspect.signature(modules[0].forward).parameters.values() if p.kind in kinds]
+        return [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
     except (TypeError, ValueError):
         return []
 
@@ -327,6 +335,13 @@ def _resolve(item: _Input, args: tuple, kwargs: dict, params: list[str], number:
                          "the model the way you call the compiled model.")
     suffix = item.source[len(item.root):]
     return eval("v" + suffix, _NAMESPACE, {"v": value}) if suffix else value  # noqa: S307
+
+
+def _as_graph_value(value: Any, real: Any) -> Any:
+    """Dynamo passes a Python number it does not specialize as a 0-D tensor: do the same."""
+    if isinstance(real, torch.Tensor) and real.dim() == 0 and isinstance(value, (bool, int, float)):
+        return torch.tensor(value, dtype=real.dtype)
+    return value
 
 
 def _rows_if_batch_one(values: tuple, user: list[_Input]) -> list[tuple]:
@@ -362,9 +377,11 @@ def _unmappable(gm: fx.GraphModule, frame: _Frame, user: list[_Input]) -> str:
     ops = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")][:3]
     first = "; ".join(f"{n.name} = {getattr(n.target, '__name__', n.target)}(...)" for n in ops) or "none"
     compile_id = gm.meta.get("dynamo_compile_id", "?")
-    return (f"fxquant backend: cannot calibrate graph {compile_id} of {frame.where} from calib_loader: it starts "
-            f"after a graph break, and its inputs {[i.source for i in user]} are values computed by the eager code "
-            f"before it, which the loader's batches cannot be mapped onto. Its first ops: {first}.\n"
+    names = sorted({i.root or i.source for i in user})
+    why = (f"it starts after a graph break, and its inputs {names} are values computed by the eager code before it"
+           if frame.nested else f"its inputs {names} are not arguments of the model call")
+    return (f"fxquant backend: cannot calibrate graph {compile_id} of {frame.where} from calib_loader: {why}, so the "
+            f"loader's batches cannot be mapped onto them. Its first ops: {first}.\n"
             "Fix: remove the graph break (torch._dynamo.explain(model)(*batch) lists them), or quantize the whole "
             "model with fxquant.quantize_graph(model, calib_loader, config) and torch.compile the result, or leave "
             "calib_loader out so each graph is calibrated on the inputs of the call that compiles it.")

@@ -6,6 +6,7 @@ the module's tensors, and are thrown away with it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -125,12 +126,19 @@ def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats 
     return observed
 
 
+def progress(items: Iterable[Any], desc: str, unit: str) -> Iterable[Any]:
+    """A tqdm bar on a terminal; none when tqdm is missing, output is not a terminal, or the
+    environment sets TQDM_DISABLE=1 (the CLI's --quiet)."""
+    if tqdm is None or os.environ.get("TQDM_DISABLE", "0") not in ("", "0"):
+        return items
+    return tqdm(items, desc=desc, unit=unit, disable=None)
+
+
 def run_loader(gm: fx.GraphModule, loader: Iterable[Any], desc: str) -> int:
     """Run every batch through gm (no_grad); returns how many batches ran."""
     batches = 0
-    bar = tqdm(loader, desc=desc, unit="batch", disable=None) if tqdm is not None else loader
     with torch.no_grad():
-        for batch in bar:
+        for batch in progress(loader, desc, unit="batch"):
             args, kwargs = batch_to_call(batch)
             try:
                 gm(*args, **kwargs)

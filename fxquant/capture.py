@@ -37,10 +37,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "export")
         try:
             if method == "symbolic_trace":
                 return torch.fx.symbolic_trace(model)
-            # dynamic_shapes: one entry per positional argument, then per keyword argument
-            inputs = list(args) + list(kwargs.values())
-            dynamic = [torch.utils._pytree.tree_map(_auto_dims, value) for value in inputs]
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
+                                          strict=False)
             return program.module()
         except Exception as err:  # quote torch's reason and say what to try
             other = "symbolic_trace" if method == "export" else "export"
@@ -52,10 +50,16 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "export")
             ) from err
 
 
-def _auto_dims(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return {i: Dim.AUTO for i in range(value.dim())} if value.dim() else None
-    return None
+def dynamic_dims(args: tuple, kwargs: dict) -> list:
+    """torch.export dynamic_shapes: every dim of every tensor input Dim.AUTO (export keeps the
+    dims the model specializes static); one entry per positional, then per keyword argument."""
+
+    def auto(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {i: Dim.AUTO for i in range(value.dim())} if value.dim() else None
+        return None
+
+    return [torch.utils._pytree.tree_map(auto, value) for value in list(args) + list(kwargs.values())]
 
 
 @contextlib.contextmanager

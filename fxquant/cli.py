@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    with _progress_bars(enabled=not args.quiet):
+    with _progress_bars(enabled=not args.quiet), _logging(quiet=args.quiet):
         try:
             return args.run(args, parser)
         except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes: the message says what to do
@@ -201,6 +200,9 @@ def _hf_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
                          "give more text or a smaller --seq-len")
     ids = ids[: windows * args.seq_len].view(windows, args.seq_len)
     batches = [{"input_ids": ids[i:i + args.batch_size]} for i in range(0, windows, args.batch_size)]
+    if len(batches[0]["input_ids"]) == 1:
+        logging.getLogger("fxquant").warning("the first batch has one window: torch.export fixes that size, so the "
+                                             "saved graph takes batch size 1 only (use --batch-size 2 or more)")
     _say(args, f"calibrating on {windows} windows of {args.seq_len} tokens in {len(batches)} batches")
     return model, batches
 
@@ -289,15 +291,35 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """--quiet: calibration's tqdm bars off. calibrate passes disable=None (off when not a
-    terminal), which overrides TQDM_DISABLE, so the bar factory itself is switched off here."""
-    from . import calibrate
-
-    saved = calibrate.tqdm
-    if not enabled:
-        calibrate.tqdm = None
+def _logging(quiet: bool) -> Iterator[None]:
+    """fxquant's log messages on stderr (INFO, or WARNING with --quiet); --quiet also silences
+    other libraries' warnings (import-time notices), keeping errors."""
+    ours, root = logging.getLogger("fxquant"), logging.getLogger()
+    saved = ours.level, root.level
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        root.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        calibrate.tqdm = saved
+        ours.removeHandler(handler)
+        ours.setLevel(saved[0])
+        root.setLevel(saved[1])
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """--quiet: fxquant's progress bars off for the run (calibrate.progress honours TQDM_DISABLE)."""
+    saved = os.environ.get("TQDM_DISABLE")
+    if not enabled:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.export import Dim
 
-from .capture import batch_to_call
+from .capture import batch_to_call, dynamic_dims
 from .config import QuantConfig
 from .passes.common import META
 from .plan import Group, QuantPlan, Site
@@ -44,9 +43,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: Any) -> No
     tokens): torch.export specializes a dim of size 1, and the saved graph keeps that.
     """
     args, kwargs = batch_to_call(example_inputs)
-    dynamic = [torch.utils._pytree.tree_map(_auto_dims, v) for v in list(args) + list(kwargs.values())]
     with torch.no_grad():
-        program = torch.export.export(_with_custom_meta(gm), args, kwargs, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(_with_custom_meta(gm), args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
+                                      strict=False)
     # no example inputs in the archive: torch.export.save would pickle them (torch.save)
     program.example_inputs = None
     info = gm.meta.get(META, {})
@@ -124,12 +123,6 @@ def _import_spec_modules(path: str) -> None:
         except ImportError as err:
             raise ImportError(f"{path!r} returns types from {module!r}, which cannot be imported ({err}); "
                               "install the package the model came from") from err
-
-
-def _auto_dims(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return {i: Dim.AUTO for i in range(value.dim())} if value.dim() else None
-    return None
 
 
 def _with_custom_meta(gm: fx.GraphModule) -> fx.GraphModule:

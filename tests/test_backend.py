@@ -17,6 +17,7 @@ from torch._dynamo.testing import CompileCounter
 import fxquant.backend
 from fxquant import QuantConfig, quantize_graph
 from fxquant.passes.common import META
+from fxquant.passes.lift import LiftConstants, target_from_source
 
 FAST = QuantConfig(rotation_steps=4, block_size=16, calib_tokens=256)
 
@@ -146,6 +147,23 @@ def test_graph_break_without_loader_quantizes_each_graph_on_what_it_receives():
         assert len(quantized) == 1, gm.code  # one linear each, its input quantized once
     # W4A8 of two random 64x64 layers: well above 15 dB against float (measured ~25 dB)
     assert _sqnr(model(x), out) > 15, _sqnr(model(x), out)
+
+
+@torch.no_grad()
+def test_lifted_constants_keep_the_model_names_and_lifting_twice_changes_nothing():
+    assert target_from_source("._modules['model']._modules['layers']._modules['0']._parameters['weight']") == \
+        "model.layers.0.weight"
+    recorder = Recorder()
+    _compile(mlp(), calib_loader=tensor_batches(2), inner=recorder, dynamic=True)(torch.randn(4, 64))
+    gm = recorder.graphs[0]
+    # the plan sees the model's own layer names, as with quantize_graph (so include/exclude match alike)
+    assert list(gm.meta[META]["plan"].sites) == ["0", "2"]
+    assert {"0.bias", "2.bias"} <= {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    # left as inputs: the batch size (a SymInt under dynamic=True) and x; the 4 parameters are gone
+    assert len(placeholders) == 2 and not any("parameters" in name for name in placeholders), placeholders
+    again = LiftConstants({"l_fn_modules_0_parameters_weight_": ("0.weight", torch.zeros(1))})(gm)
+    assert not again.modified
 
 
 def test_unknown_option_is_rejected_with_the_allowed_ones():

@@ -34,7 +34,10 @@ def _outlier_rows(n: int, d: int, seed: int, channels=(3, 77, 200), gain: float 
 
 
 def _group(d: int = 256, seed: int = 0, n: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM-like activations: per-token scales, persistent outlier channels, one sink token."""
     rows = _outlier_rows(n, d, seed, channels=(3, 77, min(200, d - 1)))
+    rows *= torch.exp(0.5 * torch.randn(n, 1, generator=_gen(seed + 50)))
+    rows[0] *= 20
     weight = torch.randn(96, d, generator=_gen(seed + 100)) / math.sqrt(d)
     return rows, rows.abs().amax(0), weight
 

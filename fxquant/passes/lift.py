@@ -56,8 +56,8 @@ class LiftConstants(PassBase):
         lifted = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in self.constants]
         if not lifted:
             return PassResult(gm, False)
-        # constants go to the top of the graph, before the placeholders, as torch.export puts them
-        # (the other passes insert theirs before the first non-placeholder node, i.e. there too)
+        # constants go to the top of the graph, before the placeholders, where torch.export and
+        # the other passes (common.get_constant) put theirs: defined before any use
         anchor = next(iter(gm.graph.nodes))
         for node in lifted:
             wanted, value = self.constants[node.name]
