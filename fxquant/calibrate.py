@@ -90,7 +90,7 @@ class RangeStats:
 
 
 def _rows(x: torch.Tensor, layers: str, dim: int) -> torch.Tensor:
-    x = x.detach().reshape(-1, dim).float()
+    x = x.detach().reshape(-1, dim).float().cpu()  # statistics live on the CPU, in float32
     if not torch.isfinite(x).all():
         raise ValueError(f"calibration activation read by {layers} holds NaN or Inf; check the calibration "
                          "data and the layers before it (fxquant cannot compute scales from non-finite values)")

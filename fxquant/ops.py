@@ -10,9 +10,11 @@ import torch
 
 
 def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x @ blockdiag(R, ..., R) along the last dim (R is B x B; one GEMM over all blocks)."""
+    """x @ blockdiag(R, ..., R) along the last dim (R is B x B; one GEMM over all blocks).
+
+    Computed in R's dtype (float32) and returned in x's: half-precision rotations lose orthogonality."""
     size = rotation.shape[0]
-    return (x.unflatten(-1, (-1, size)) @ rotation).flatten(-2)
+    return (x.unflatten(-1, (-1, size)).to(rotation.dtype) @ rotation).flatten(-2).to(x.dtype)
 
 
 def permute_channels(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class Site:
     in_features: int
     out_features: int
     config: QuantConfig  # the config with this layer's overrides applied
+    dtype: torch.dtype = torch.float32  # the float weight's dtype: constants are stored in it
     calls: int = 0
     group: str = ""
     skip: str = ""  # why it stays in float ("" = quantized)
@@ -43,6 +44,7 @@ class Group:
     inputs: list[str]  # names of the activation nodes the calls read; the transform goes on each
     dim: int
     config: QuantConfig
+    dtype: torch.dtype = torch.float32  # activation dtype (that of the group's weights)
     block_size: int | None = None
     note: str = ""
     stats: dict = field(default_factory=dict)  # calibration summary, for the plan and the dump
@@ -79,7 +81,7 @@ def make_plan(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
         if name not in plan.sites:
             weight = fetch_attr(gm, target)
             plan.sites[name] = Site(name, target, weight.shape[1], weight.shape[0], config.for_layer(name),
-                                    skip=_skip_reason(name, weight, config))
+                                    dtype=weight.dtype, skip=_skip_reason(name, weight, config))
         plan.sites[name].calls += 1
         calls.setdefault(name, []).append(node)
     _warn_unmatched_overrides(config, list(plan.sites))
@@ -138,7 +140,7 @@ def _add_group(plan: QuantPlan, members: list[str], calls: dict[str, list[fx.Nod
             raise ValueError(f"layers {members} read the same activation and share one transform, but "
                              f"config.overrides gives them different {f}: {values}; give them the same value")
     inputs = list(dict.fromkeys(node.args[0].name for m in members for node in calls[m]))
-    group = Group(name, members, inputs, plan.sites[members[0]].in_features, first)
+    group = Group(name, members, inputs, plan.sites[members[0]].in_features, first, plan.sites[members[0]].dtype)
     if first.rotation_steps > 0:
         group.block_size, group.note = block_size_for(group.dim, first.block_size)
     plan.groups[name] = group

@@ -162,6 +162,8 @@ def _encode(value: Any) -> Any:
         if value.numel() > _MAX_ELEMENTS:  # e.g. a kept float weight: the graph holds the weights
             return f"<tensor {tuple(value.shape)} {value.dtype} not stored>"
         return {"__tensor__": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
     if dataclasses.is_dataclass(value) and type(value).__name__ in _CLASSES:
         fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return {"__class__": type(value).__name__, **fields}
@@ -181,6 +183,8 @@ def _decode(value: Any) -> Any:
         return value
     if "__tensor__" in value:
         return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+    if "__dtype__" in value:
+        return getattr(torch, value["__dtype__"])
     fields = {k: _decode(v) for k, v in value.items() if k != "__class__"}
     cls = _CLASSES.get(value.get("__class__", ""))
     return cls(**fields) if cls is not None else fields

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from lazy_seed import lazy_copy  # noqa: E402  the seed module lives with the benchmarks
 
 
 def mlp(dim: int = 64, hidden: int = 128, outliers: tuple[int, ...] = ()) -> nn.Sequential:
@@ -65,26 +71,9 @@ class FlowLoop(nn.Module):
         return action
 
 
-class LazyQuantLinear(nn.Module):
-    """The seed failure: the activation scale is observed and stored on ``self`` inside forward."""
-
-    def __init__(self, linear: nn.Linear, calib_calls: int = 3) -> None:
-        super().__init__()
-        self.linear, self.calib_calls = linear, calib_calls
-        self.calls = 0
-        self.scale = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calls < self.calib_calls:  # lazy calibration: Python state mutated under compile
-            peak = x.detach().abs().max() / 127
-            self.scale = peak if self.scale is None else torch.maximum(self.scale, peak)
-            self.calls += 1
-        q = torch.clamp(torch.round(x / self.scale), -128, 127) * self.scale
-        return self.linear(q)
-
-
-def lazy_mlp(model: nn.Sequential) -> nn.Sequential:
-    return nn.Sequential(*(LazyQuantLinear(m) if isinstance(m, nn.Linear) else m for m in model))
+def lazy_mlp(model: nn.Sequential) -> nn.Module:
+    """The seed failure (benchmarks/lazy_seed.py): every Linear calibrates lazily in forward."""
+    return lazy_copy(model)
 
 
 def with_outliers(model: nn.Module, channels: tuple[int, ...] = (3, 17, 42), gain: float = 20.0) -> nn.Module:

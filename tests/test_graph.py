@@ -104,3 +104,27 @@ def test_dry_run_returns_plan_without_rewriting():
     assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}" in table
     assert "lm_head" in table and "excluded" in table
     assert len(plan.groups) == 8 and len(plan.active_sites()) == 14
+
+
+def test_bfloat16_model_keeps_its_dtype_and_float32_rotations():
+    model = tiny_llama().to(torch.bfloat16)
+    gm = quantize_graph(model, token_batches(2), FAST)
+    state = gm.state_dict()
+    rotations = [v for k, v in state.items() if k.endswith(("rot1", "rot2"))]
+    assert rotations and all(r.dtype == torch.float32 for r in rotations)
+    weights = [v for k, v in state.items() if k.startswith("fxquant.") and k.endswith(".weight")]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    fp32_model = tiny_llama()
+    fp32_gm = quantize_graph(fp32_model, token_batches(2), FAST)
+    ids = token_batches(1, seed=5)[0]
+    with torch.no_grad():
+        got = gm(**ids).logits
+        bf16 = _sqnr(got.float(), model(**ids).logits.float())
+        fp32 = _sqnr(fp32_gm(**ids).logits, fp32_model(**ids).logits)
+    assert got.dtype == torch.bfloat16
+    # quantization costs the bf16 model about what it costs the fp32 one
+    assert bf16 > fp32 - 3, f"SQNR vs own float model: bf16 {bf16:.1f} dB, fp32 {fp32:.1f} dB"
+
+
+def _sqnr(got, want):
+    return float(10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()))

@@ -29,8 +29,17 @@ def site_key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def set_constant(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor) -> str:
-    """Register ``value`` as buffer ``fxquant.<owner>.<name>`` and return that get_attr target."""
+def set_constant(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor,
+                 dtype: torch.dtype | None = None) -> str:
+    """Register ``value`` as buffer ``fxquant.<owner>.<name>`` and return that get_attr target.
+
+    The buffer goes on the device of the module's other tensors; a float value is cast to
+    ``dtype`` when given (the model's dtype; rotations stay float32, see ops.block_rotate).
+    """
+    like = next(iter(gm.state_dict().values()), None)
+    value = value.to(device=like.device if like is not None else None)
+    if dtype is not None and value.is_floating_point():
+        value = value.to(dtype)
     if not hasattr(gm, ROOT):
         gm.add_submodule(ROOT, nn.Module())
     root = getattr(gm, ROOT)

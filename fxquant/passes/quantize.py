@@ -47,7 +47,8 @@ class QuantizeActivations(PassBase):
             qmax = 2 ** (c.a_bits - 1) - 1
             scale = None
             if c.a_granularity != "token":
-                scale = get_constant(gm, set_constant(gm, group.key, "act_scale", self.scales[group.name]))
+                scale = get_constant(gm, set_constant(gm, group.key, "act_scale", self.scales[group.name],
+                                                      dtype=group.dtype))
             for x_t, linears in pending.items():
                 with gm.graph.inserting_after(x_t):
                     if scale is None:
@@ -73,15 +74,15 @@ class QuantizeWeights(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for name, qw in self.weights.items():
-            key = site_key(name)
+            key, dtype = site_key(name), self.plan.sites[name].dtype
             linears = [n for nodes in _group_linears(gm, self.plan.sites[name].group, "w_bits").values()
                        for n in nodes if n.meta[META]["site"] == name]
             if not linears:
                 continue
             if self.weight_format == "fake":
-                weight = get_constant(gm, set_constant(gm, key, "weight", dequantize_weight(qw)))
+                weight = get_constant(gm, set_constant(gm, key, "weight", dequantize_weight(qw), dtype=dtype))
             else:
-                weight = _packed_weight(gm, key, name, qw, before=linears[0])
+                weight = _packed_weight(gm, key, name, qw, dtype, before=linears[0])
             for linear in linears:
                 linear.args = (linear.args[0], weight, *linear.args[2:])
                 linear.meta[META]["w_bits"] = qw.bits
@@ -91,13 +92,15 @@ class QuantizeWeights(PassBase):
         return PassResult(gm, modified)
 
 
-def _packed_weight(gm: fx.GraphModule, key: str, name: str, qw: QuantizedWeight, before: fx.Node) -> fx.Node:
+def _packed_weight(gm: fx.GraphModule, key: str, name: str, qw: QuantizedWeight, dtype: torch.dtype,
+                   before: fx.Node) -> fx.Node:
     signed = qw.zero is None
     packed = qw.bits <= 4 and qw.codes.shape[1] % 2 == 0
     codes = get_constant(gm, set_constant(gm, key, "w_packed" if packed else "w_codes",
                                           pack_int4(qw.codes) if packed else qw.codes))
-    scale = get_constant(gm, set_constant(gm, key, "w_scale", qw.scale))
-    zero = None if signed else get_constant(gm, set_constant(gm, key, "w_zero", qw.zero))
+    # dequantize_weight returns the scale's dtype: the model's, so the linear sees one dtype
+    scale = get_constant(gm, set_constant(gm, key, "w_scale", qw.scale, dtype=dtype))
+    zero = None if signed else get_constant(gm, set_constant(gm, key, "w_zero", qw.zero, dtype=dtype))
     with gm.graph.inserting_before(before):
         if packed:
             codes = gm.graph.create_node("call_function", ops.unpack_int4, (codes, signed), name=f"{key}_codes")

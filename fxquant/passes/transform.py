@@ -40,12 +40,13 @@ class InsertTransforms(PassBase):
                                        and META not in n.meta])}
             if not pending:
                 continue  # already rewritten: a second run changes nothing
-            constants = _register_transform(gm, group.key, self.transforms[group.name])
+            constants = _register_transform(gm, group, self.transforms[group.name])
             for x, readers in pending.items():
                 x_t = _insert_chain(gm, x, group, constants)
                 for linear in readers:
                     name = _site(linear)
-                    target = set_constant(gm, site_key(name), "weight", self.weights[name])
+                    target = set_constant(gm, site_key(name), "weight", self.weights[name],
+                                          dtype=self.plan.sites[name].dtype)
                     linear.args = (x_t, get_constant(gm, target), *linear.args[2:])
                     tag(linear, site=name, group=group.name, role="linear", stats=self.plan.sites[name].stats)
             modified = True
@@ -58,16 +59,13 @@ def _site(linear: fx.Node) -> str:
     return linear.args[1].target.removesuffix(".weight")
 
 
-def _register_transform(gm: fx.GraphModule, key: str, t: Transform) -> dict[str, str]:
-    """Constants of one group's transform, float32 (rotations are solved in float64)."""
-    values = {"inv_smooth": None if t.smooth is None else 1.0 / t.smooth.double(),
-              "rot1": t.rot1, "perm": t.perm, "rot2": t.rot2}
-    targets = {}
-    for name, value in values.items():
-        if value is not None:
-            value = value if value.dtype == torch.int64 else value.float()
-            targets[name] = set_constant(gm, key, name, value)
-    return targets
+def _register_transform(gm: fx.GraphModule, group: Group, t: Transform) -> dict[str, str]:
+    """Constants of one group's transform: rotations in float32 whatever the model dtype
+    (orthogonal to ~1e-7; bf16 would give ~1e-2), the smoothing scales in the model dtype."""
+    values = {"inv_smooth": (None if t.smooth is None else 1.0 / t.smooth.double(), group.dtype),
+              "rot1": (t.rot1, torch.float32), "perm": (t.perm, None), "rot2": (t.rot2, torch.float32)}
+    return {name: set_constant(gm, group.key, name, value, dtype=dtype)
+            for name, (value, dtype) in values.items() if value is not None}
 
 
 def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: Group, constants: dict[str, str]) -> fx.Node:
