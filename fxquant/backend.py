@@ -48,6 +48,7 @@ from torch import fx, nn
 from .api import quantize_module
 from .capture import batch_to_call
 from .config import QuantConfig
+from .passes.common import copy_graph_module
 from .passes.lift import LiftConstants, target_from_source
 
 NAME = "fxquant"
@@ -80,7 +81,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     inputs = _classify(gm, example_inputs, frame, call)
     # Dynamo reads its graph again after the backend returns (to call the result): rewrite a copy
     constants = {i.node: (i.target, example_inputs[i.index]) for i in inputs if i.constant}
-    gm = LiftConstants(constants)(_copy(gm)).graph_module
+    gm = LiftConstants(constants)(copy_graph_module(gm)[0]).graph_module
     user = [i for i in inputs if not i.constant]
 
     loader = options.get("calib_loader")
@@ -98,16 +99,6 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     kept = [example_inputs[i.index] for i in user]
     compiled = _compile_inner(options.get("inner", "inductor"), quantized, kept, mode)
     return _drop_constants(compiled, [i.index for i in user])
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
-    output = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    graph.output(output[0] if isinstance(output, tuple) else output)
-    copy = fx.GraphModule(gm, graph)
-    copy.meta.update(gm.meta)
-    return copy
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from .capture import batch_to_call
+from .passes.common import copy_graph_module
 from .quant import percentile_from_histogram
 
 try:
@@ -111,12 +112,8 @@ class Observer(nn.Module):
 
 def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats | RangeStats]]) -> fx.GraphModule:
     """A GraphModule sharing gm's tensors whose graph also feeds each watched node to an Observer."""
-    mapping: dict[fx.Node, fx.Node] = {}
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
-    output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
-    graph.output(output[0] if isinstance(output, tuple) else output)
-    observed = fx.GraphModule(gm, graph)
+    observed, mapping = copy_graph_module(gm)
+    graph = observed.graph
     for i, (node, stats) in enumerate(watch):
         observed.add_submodule(f"fxquant_observer_{i}", Observer(stats))
         copy = mapping[node]

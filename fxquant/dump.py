@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import batch_to_call
-from .passes.common import META, site_key
+from .passes.common import META, copy_graph_module, site_key
 from .plan import QuantPlan
 
 FORMATS = ("code", "table", "dot", "html")
@@ -196,11 +196,8 @@ def site_sqnr(gm: fx.GraphModule, batch: Any) -> Sqnr:
     Runs a copy of the graph that also feeds each quantized linear's unquantized input, output,
     weight and bias to a probe (as calibration observes: gm itself is not edited).
     """
-    graph, mapping = fx.Graph(), {}
-    graph._codegen = gm.graph._codegen  # so the copy is called exactly like gm, whatever its inputs
-    output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
-    graph.output(output[0] if isinstance(output, tuple) else output)
-    probed = fx.GraphModule(gm, graph)
+    probed, mapping = copy_graph_module(gm)  # called exactly like gm, whatever its inputs
+    graph = probed.graph
     plan = gm.meta.get(META, {}).get("plan")
     probes: dict[str, tuple[str, _SiteProbe]] = {}
     for node in gm.graph.nodes:

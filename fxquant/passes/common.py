@@ -64,6 +64,19 @@ def get_constant(gm: fx.GraphModule, target: str) -> fx.Node:
     return node
 
 
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A GraphModule with a copy of gm's graph (same calling convention) sharing gm's tensors;
+    also returns the map from gm's nodes to the copy's."""
+    mapping: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
+    graph.output(output[0] if isinstance(output, tuple) else output)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy, mapping
+
+
 def tag(node: fx.Node, **info: Any) -> fx.Node:
     node.meta[META] = info
     return node
