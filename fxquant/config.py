@@ -17,7 +17,7 @@ WEIGHT_FORMATS = ("fake", "packed")
 # Fields a per-layer override may set. The transform and activation fields apply to the whole
 # group of layers that read one activation, so the members of a group must agree on them.
 SITE_FIELDS = ("w_bits", "w_group_size", "w_clip", "w_method", "w_symmetric", "skip")
-GROUP_FIELDS = ("a_bits", "a_granularity", "a_percentile", "smooth_alpha", "block_size",
+GROUP_FIELDS = ("a_bits", "a_granularity", "a_percentile", "a_symmetric", "a_clip", "smooth_alpha", "block_size",
                 "rotation_steps", "permute")
 
 
@@ -37,6 +37,8 @@ class QuantConfig:
     a_bits: int | None = 8
     a_granularity: str = "tensor"
     a_percentile: float = 99.9
+    a_symmetric: bool = True  # False: asymmetric (zero point), for a_granularity="token"
+    a_clip: float = 1.0  # "token": the grid spans clip x the token's range (DuQuant's official 0.9)
     smooth_alpha: float | None = 0.6  # None: no smoothing
     block_size: int = 128
     rotation_steps: int = 256  # 0: no rotation and no permutation
@@ -131,6 +133,11 @@ def _validate(c: QuantConfig, where: str) -> None:
     _choice(where, "a_granularity", c.a_granularity, GRANULARITIES)
     _choice(where, "capture", c.capture, CAPTURES)
     _choice(where, "weight_format", c.weight_format, WEIGHT_FORMATS)
+    if not c.a_symmetric and c.a_granularity != "token":
+        raise _bad(where, "a_symmetric", c.a_symmetric, 'asymmetric activations need a_granularity="token" '
+                   "(static scales are symmetric); set a_granularity='token' or a_symmetric=True")
+    if isinstance(c.a_clip, bool) or not isinstance(c.a_clip, (int, float)) or not 0 < c.a_clip <= 1:
+        raise _bad(where, "a_clip", c.a_clip, "use a ratio in (0, 1], e.g. 0.9")
     if not isinstance(c.a_percentile, (int, float)) or not 0 < c.a_percentile <= 100:
         raise _bad(where, "a_percentile", c.a_percentile, "use a percentile in (0, 100], e.g. 99.9")
     if c.smooth_alpha is not None and (not isinstance(c.smooth_alpha, (int, float)) or not 0 <= c.smooth_alpha <= 1):
@@ -144,7 +151,7 @@ def _validate(c: QuantConfig, where: str) -> None:
             raise _bad(where, name, value, "use a non-negative integer")
     if c.calib_tokens < 1:
         raise _bad(where, "calib_tokens", c.calib_tokens, "keep at least one row, e.g. 2048")
-    for name in ("permute", "w_symmetric", "skip", "keep_float_weights"):
+    for name in ("permute", "w_symmetric", "a_symmetric", "skip", "keep_float_weights"):
         if not isinstance(getattr(c, name), bool):
             raise _bad(where, name, getattr(c, name), "use True or False")
 

@@ -27,10 +27,20 @@ def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
 
 
-def fake_quant_per_token(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Symmetric fake quantization with one scale per token, computed from the token itself."""
-    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax
+def fake_quant_per_token(x: torch.Tensor, qmax: int, clip: float = 1.0) -> torch.Tensor:
+    """Symmetric fake quantization with one scale per token, from the token's own max |x| x clip."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) * (clip / qmax)
     return torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale
+
+
+def fake_quant_per_token_asym(x: torch.Tensor, levels: int, clip: float = 1.0) -> torch.Tensor:
+    """Asymmetric per-token fake quantization: the grid spans [clip*min, clip*max] of the token
+    (0 always inside), ``levels`` = 2**bits - 1 steps, integer zero point."""
+    low = x.amin(-1, keepdim=True).clamp(max=0) * clip
+    high = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    scale = ((high - low) / levels).clamp(min=1e-8)
+    zero = torch.round(-low / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, levels) - zero) * scale
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

@@ -112,9 +112,19 @@ def _inputs(kind: str, seed: int) -> torch.Tensor:
     return torch.randn(512, 256, generator=g)
 
 
+@pytest.fixture
+def one_thread():
+    """Exactness, not parallel speed, is under test: one thread keeps the many small GEMMs
+    fast even when other processes hold the cores (OpenMP waits badly when oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["gauss", "outliers", "positive", "heavy", "ties", "duplicates"])
-def test_pruned_greedy_equals_exhaustive(kind, screen, monkeypatch):
+def test_pruned_greedy_equals_exhaustive(kind, screen, monkeypatch, one_thread):
     monkeypatch.setattr(dq, "_screen_dtype", lambda: screen)  # every screening dtype must be exact
     for seed, b in ((0, 32), (1, 64)):
         x = _inputs(kind, seed)
@@ -124,10 +134,16 @@ def test_pruned_greedy_equals_exhaustive(kind, screen, monkeypatch):
         assert not torch.equal(fast, torch.eye(b, dtype=torch.float64)) or kind == "positive"
 
 
+def test_pruned_greedy_equals_exhaustive_multithreaded():
+    x = _inputs("heavy", 2)  # default threads and screening dtype, as the solver runs it
+    fast = greedy_rotation(x, 64, 24, _gen(2), prune=True)
+    assert torch.equal(fast, greedy_rotation(x, 64, 24, _gen(2), prune=False))
+
+
 def test_greedy_degenerate_inputs_give_identity():
     eye = torch.eye(16, dtype=torch.float64)
     assert torch.equal(greedy_rotation(torch.zeros(8, 32), 16, 10, _gen(0)), eye)
-    assert torch.equal(greedy_rotation(torch.randn(8, 32), 16, 0, _gen(0)), eye)
+    assert torch.equal(greedy_rotation(torch.randn(8, 32, generator=_gen(1)), 16, 0, _gen(0)), eye)
     with pytest.raises(ValueError, match="inf/nan"):
         greedy_rotation(torch.full((4, 32), math.nan), 16, 4, _gen(0))
 
@@ -171,7 +187,7 @@ def _check_exact(t: Transform, d: int) -> None:
     torch.testing.assert_close(apply_to_activation(xf, t), apply_to_activation(x, t).float(), rtol=1e-4, atol=1e-4)
 
 
-def test_full_transform_is_exact_and_rotations_orthogonal():
+def test_full_transform_is_exact_and_rotations_orthogonal(one_thread):
     rows, absmax, weight = _group()
     t = build_transform(rows, absmax, weight, alpha=0.6, block_size=64, steps=64, permute=True, seed=0)
     assert t.block_size == 64 and t.smooth is not None and t.perm is not None
@@ -186,7 +202,7 @@ def test_full_transform_is_exact_and_rotations_orthogonal():
     assert after < before, f"smoothed max|x| {before:.3f} -> {after:.3f} after R1 P R2"
 
 
-def test_dense_fallback_and_rotation_off_are_exact():
+def test_dense_fallback_and_rotation_off_are_exact(one_thread):
     rows, absmax, weight = _group(d=100)
     dense = build_transform(rows, absmax, weight, alpha=0.5, block_size=128, steps=32, permute=True, seed=0)
     assert dense.block_size == 100 and dense.perm is None  # one block: nothing to permute
@@ -201,7 +217,7 @@ def test_dense_fallback_and_rotation_off_are_exact():
     _check_exact(skip, 1030)
 
 
-def test_transform_gram_matches_transformed_activations():
+def test_transform_gram_matches_transformed_activations(one_thread):
     rows, absmax, weight = _group()
     t = build_transform(rows, absmax, weight, alpha=0.6, block_size=64, steps=32, permute=True, seed=3)
     x = rows.double()
@@ -209,7 +225,7 @@ def test_transform_gram_matches_transformed_activations():
     torch.testing.assert_close(transform_gram(x.T @ x, t), y.T @ y)
 
 
-def test_build_transform_is_deterministic_and_seeded():
+def test_build_transform_is_deterministic_and_seeded(one_thread):
     rows, absmax, weight = _group()
     kw = dict(alpha=0.6, block_size=64, steps=48, permute=True)
     a = build_transform(rows, absmax, weight, seed=5, **kw)

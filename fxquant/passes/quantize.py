@@ -49,14 +49,15 @@ class QuantizeActivations(PassBase):
             if c.a_granularity != "token":
                 scale = get_constant(gm, set_constant(gm, group.key, "act_scale", self.scales[group.name],
                                                       dtype=group.dtype))
+            if scale is not None:
+                fn, args = ops.fake_quant_static, (scale, qmax)
+            elif c.a_symmetric:
+                fn, args = ops.fake_quant_per_token, (qmax, c.a_clip)
+            else:
+                fn, args = ops.fake_quant_per_token_asym, (2**c.a_bits - 1, c.a_clip)
             for x_t, linears in pending.items():
                 with gm.graph.inserting_after(x_t):
-                    if scale is None:
-                        q = gm.graph.create_node("call_function", ops.fake_quant_per_token, (x_t, qmax),
-                                                 name=f"{x_t.name}_q")
-                    else:
-                        q = gm.graph.create_node("call_function", ops.fake_quant_static, (x_t, scale, qmax),
-                                                 name=f"{x_t.name}_q")
+                    q = gm.graph.create_node("call_function", fn, (x_t, *args), name=f"{x_t.name}_q")
                 tag(q, group=group.name, role="quantize", bits=c.a_bits, granularity=c.a_granularity, stats=group.stats)
                 for linear in linears:
                     linear.replace_input_with(x_t, q)
