@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import solve
-from .calibrate import InputStats, RangeStats, observed_copy, progress, run_loader
+from .calibrate import InputStats, RangeStats, observed_copy, run_loader
 from .capture import batch_to_call, capture
 from .config import QuantConfig
 from .passes.cleanup import DropUnusedConstants
@@ -61,11 +61,9 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
                loader, desc="fxquant calibrate")
 
     # solve the transforms, rewrite activations and weights with them (still exact in float)
-    transforms, weights = {}, {}
-    for index, group in enumerate(progress(plan.groups.values(), "fxquant solve", unit="group")):
-        floats = [fetch_attr(gm, plan.sites[s].weight).detach() for s in group.sites]
-        transforms[group.name] = t = solve.solve_transform(group, inputs[group.name], floats, index)
-        weights.update({s: solve.apply_to_weight(w.float(), t) for s, w in zip(group.sites, floats, strict=False)})
+    floats = {s.name: fetch_attr(gm, s.weight).detach().float() for s in plan.active_sites()}
+    transforms = solve.solve_transforms(list(plan.groups.values()), inputs, floats)
+    weights = {s: solve.apply_to_weight(floats[s], transforms[g.name]) for g in plan.groups.values() for s in g.sites}
     gm = _run([InsertTransforms(plan, transforms, weights)], gm)
 
     # static activation scales are measured on the transformed activations: a second pass

@@ -123,12 +123,12 @@ def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats 
     return observed
 
 
-def progress(items: Iterable[Any], desc: str, unit: str) -> Iterable[Any]:
+def progress(items: Iterable[Any], desc: str, unit: str, total: int | None = None) -> Iterable[Any]:
     """A tqdm bar on a terminal; none when tqdm is missing, output is not a terminal, or the
     environment sets TQDM_DISABLE=1 (the CLI's --quiet)."""
     if tqdm is None or os.environ.get("TQDM_DISABLE", "0") not in ("", "0"):
         return items
-    return tqdm(items, desc=desc, unit=unit, disable=None)
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=None)
 
 
 def run_loader(gm: fx.GraphModule, loader: Iterable[Any], desc: str) -> int:

@@ -6,9 +6,11 @@ rewrite, one function per kind of constant.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
-from .calibrate import InputStats, RangeStats
+from .calibrate import InputStats, RangeStats, progress
 from .config import QuantConfig
 from .duquant import Transform, apply_to_activation, apply_to_weight, build_transform, transform_gram
 from .plan import Group
@@ -22,7 +24,7 @@ def needs_gram(config: QuantConfig) -> bool:
 def solve_transform(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int) -> Transform:
     """The group's DuQuant transform; each group draws its own seeded random matrices."""
     c = group.config
-    t = build_transform(stats.rows, stats.absmax, torch.cat(weights).float(), alpha=c.smooth_alpha,
+    t = build_transform(stats.rows, stats.absmax, torch.cat(weights), alpha=c.smooth_alpha,
                         block_size=c.block_size, steps=c.rotation_steps, permute=c.permute,
                         seed=c.seed * 1_000_003 + index)
     # before and after on the same sampled rows, so the two are comparable
@@ -31,6 +33,28 @@ def solve_transform(group: Group, stats: InputStats, weights: list[torch.Tensor]
                        absmax_before=before.amax(0), absmax_after=after.amax(0),
                        mean_abs_before=float(before.mean()), mean_abs_after=float(after.mean()))
     return t
+
+
+def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
+                     weights: dict[str, torch.Tensor]) -> dict[str, Transform]:
+    """Every group's transform, searched on as many worker threads as torch has, each running its
+    tensor ops on one thread: the greedy search is many small steps, so groups side by side use
+    the cores better than threads inside one step (and stay fast when other processes load the
+    machine). Results do not depend on scheduling: each group has its own seeded generator."""
+    threads = torch.get_num_threads()
+
+    def one(index: int) -> Transform:
+        g = groups[index]
+        return solve_transform(g, inputs[g.name], [weights[s] for s in g.sites], index)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            found = list(progress(pool.map(one, range(len(groups))), "fxquant solve", unit="group",
+                                  total=len(groups)))
+    finally:
+        torch.set_num_threads(threads)
+    return {g.name: t for g, t in zip(groups, found, strict=True)}
 
 
 def solve_weight(config: QuantConfig, weight: torch.Tensor, gram: torch.Tensor | None) -> QuantizedWeight:
@@ -54,5 +78,5 @@ def activation_scale(config: QuantConfig, stats: RangeStats) -> torch.Tensor:
     return (stats.percentile(config.a_percentile) / qmax).clamp(min=1e-8)
 
 
-__all__ = ["activation_scale", "apply_to_weight", "needs_gram", "solve_transform", "solve_weight",
+__all__ = ["activation_scale", "apply_to_weight", "needs_gram", "solve_transform", "solve_transforms", "solve_weight",
            "transformed_gram", "weight_error"]
