@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from . import solve
 from .calibrate import InputStats, RangeStats, observed_copy, run_loader
 from .capture import batch_to_call, capture
 from .config import QuantConfig
+from .duquant import apply_to_weight
 from .passes.cleanup import DropUnusedConstants
 from .passes.common import META, fetch_attr
 from .passes.normalize import Normalize
@@ -51,36 +54,39 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
     plan = make_plan(gm, config)
     if dry_run:
         return plan
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes, seconds = {n.name: n for n in gm.graph.nodes}, {}
 
-    # observe + calibrate: raw statistics of every group input (all calls of a weight together)
-    inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
-                                 gram=any(solve.needs_gram(plan.sites[s].config) for s in g.sites))
-              for g in plan.groups.values()}
-    run_loader(observed_copy(gm, [(nodes[x], inputs[g.name]) for g in plan.groups.values() for x in g.inputs]),
-               loader, desc="fxquant calibrate")
+    with _timed(seconds, "calibrate"):  # raw statistics of every group input, all calls of a weight together
+        inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
+                                     gram=any(solve.needs_gram(plan.sites[s].config) for s in g.sites))
+                  for g in plan.groups.values()}
+        watch = [(nodes[x], inputs[g.name]) for g in plan.groups.values() for x in g.inputs]
+        run_loader(observed_copy(gm, watch), loader, desc="fxquant calibrate")
 
-    # solve the transforms, rewrite activations and weights with them (still exact in float)
-    floats = {s.name: fetch_attr(gm, s.weight).detach().float() for s in plan.active_sites()}
-    transforms = solve.solve_transforms(list(plan.groups.values()), inputs, floats)
-    weights = {s: solve.apply_to_weight(floats[s], transforms[g.name]) for g in plan.groups.values() for s in g.sites}
-    gm = _run([InsertTransforms(plan, transforms, weights)], gm)
+    with _timed(seconds, "transforms"):  # solve, then rewrite activations and weights (still exact in float)
+        floats = {s.name: fetch_attr(gm, s.weight).detach().float() for s in plan.active_sites()}
+        transforms = solve.solve_transforms(list(plan.groups.values()), inputs, floats)
+        weights = {s: apply_to_weight(floats[s], transforms[g.name])
+                   for g in plan.groups.values() for s in g.sites}
+        gm = _run([InsertTransforms(plan, transforms, weights)], gm)
 
-    # static activation scales are measured on the transformed activations: a second pass
-    scales = _calibrate_scales(gm, plan, loader)
-    quantized = {}
-    for group in plan.groups.values():
-        gram = solve.transformed_gram(inputs[group.name], transforms[group.name])
-        for s in group.sites:
-            if plan.sites[s].config.w_quantized:
-                quantized[s] = solve.solve_weight(plan.sites[s].config, weights[s], gram)
-                plan.sites[s].stats["weight_error"] = solve.weight_error(weights[s], quantized[s])
-                if config.keep_float_weights:
-                    plan.sites[s].stats["weight_float"] = weights[s]
-    gm = _run([QuantizeActivations(plan, scales), QuantizeWeights(plan, quantized, config.weight_format),
-               DropUnusedConstants()], gm)
-    gm.meta[META] = {"config": config, "plan": plan}
+    with _timed(seconds, "scales"):  # static scales are measured on the transformed activations
+        scales = _calibrate_scales(gm, plan, loader)
+
+    with _timed(seconds, "weights"):
+        quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
+        gm = _run([QuantizeActivations(plan, scales), QuantizeWeights(plan, quantized, config.weight_format),
+                   DropUnusedConstants()], gm)
+    gm.meta[META] = {"config": config, "plan": plan, "seconds": seconds}
+    log.info("fxquant: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return gm
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - start
 
 
 def _calibrate_scales(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any]) -> dict[str, torch.Tensor]:

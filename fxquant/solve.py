@@ -12,8 +12,8 @@ import torch
 
 from .calibrate import InputStats, RangeStats, progress
 from .config import QuantConfig
-from .duquant import Transform, apply_to_activation, apply_to_weight, build_transform, transform_gram
-from .plan import Group
+from .duquant import Transform, apply_to_activation, build_transform, transform_gram
+from .plan import Group, QuantPlan
 from .quant import QuantizedWeight, dequantize_weight, quantize_weight
 
 
@@ -57,6 +57,22 @@ def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
     return {g.name: t for g, t in zip(groups, found, strict=True)}
 
 
+def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: dict[str, Transform],
+                  weights: dict[str, torch.Tensor], keep_float: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize every transformed weight, with its group's transformed Gram matrix (one per group)."""
+    quantized = {}
+    for group in plan.groups.values():
+        gram = transformed_gram(inputs[group.name], transforms[group.name])
+        for name in group.sites:
+            site = plan.sites[name]
+            if site.config.w_quantized:
+                quantized[name] = solve_weight(site.config, weights[name], gram)
+                site.stats["weight_error"] = weight_error(weights[name], quantized[name])
+                if keep_float:
+                    site.stats["weight_float"] = weights[name]
+    return quantized
+
+
 def solve_weight(config: QuantConfig, weight: torch.Tensor, gram: torch.Tensor | None) -> QuantizedWeight:
     """Quantize one transformed weight (gram: X^T X of the transformed input, or None)."""
     return quantize_weight(weight, config.w_bits, group_size=config.w_group_size,
@@ -76,7 +92,3 @@ def activation_scale(config: QuantConfig, stats: RangeStats) -> torch.Tensor:
     """Static symmetric scale: the configured percentile of |x| over all calibration tokens / qmax."""
     qmax = 2 ** (config.a_bits - 1) - 1
     return (stats.percentile(config.a_percentile) / qmax).clamp(min=1e-8)
-
-
-__all__ = ["activation_scale", "apply_to_weight", "needs_gram", "solve_transform", "solve_transforms", "solve_weight",
-           "transformed_gram", "weight_error"]
