@@ -32,7 +32,7 @@ class QuantConfig:
     w_bits: int | None = 4
     w_group_size: int | None = None  # None: one scale per output channel
     w_clip: str | float = "mse"  # "mse" (output-error search), "minmax", or a ratio in (0, 1]
-    w_method: str = "rtn"  # "rtn" or "gptq" (error compensation from calibration statistics)
+    w_method: str = "gptq"  # "gptq" (error compensation from the calibration Gram matrix) or "rtn"
     w_symmetric: bool = True
     a_bits: int | None = 8
     a_granularity: str = "tensor"

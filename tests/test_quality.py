@@ -6,8 +6,9 @@ from models import OutlierMLP, mlp, tensor_batches
 from fxquant import QuantConfig, quantize_graph
 from fxquant.passes.common import META
 
-RTN = QuantConfig(smooth_alpha=None, rotation_steps=0, permute=False, w_clip="minmax")
-DUQUANT = QuantConfig(w_clip="minmax")
+# both with plain round-to-nearest weights: this compares the transforms, not the weight quantizers
+RTN = QuantConfig(smooth_alpha=None, rotation_steps=0, permute=False, w_clip="minmax", w_method="rtn")
+DUQUANT = QuantConfig(w_clip="minmax", w_method="rtn")
 
 
 def _sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
