@@ -255,7 +255,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "fxquant rows: `quantize_graph` with per-output-channel symmetric int4/int8 weights and fxquant's default "
         "weight clip search (w_clip=\"mse\") and round-to-nearest unless GPTQ is named; "
         "RTN = no smoothing, no rotation; SmoothQuant = alpha 0.5, no rotation; "
-        "DuQuant+RTN = w_method=\"rtn\"; DuQuant = the default QuantConfig (GPTQ weights). Static = one activation scale per tensor "
+        "DuQuant+RTN = w_method=\"rtn\"; DuQuant = the default QuantConfig (GPTQ weights). "
+        "Static = one activation scale per tensor "
         "from calibration; token = dynamic per-token. Each evaluated on the rewritten GraphModule.",
         "torchao rows: torchao 0.18 `Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4)` (asymmetric "
         "dynamic per-token int8 activations, symmetric int4 weights), every linear but lm_head.",
