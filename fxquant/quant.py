@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import ops
+from .ops import unpack_int4  # noqa: F401  the inverse of pack_int4 is the run-time op
+
 _SCALE_FLOOR = 1e-12  # scale of an all-zero row or group: keeps w / scale finite
 _MSE_GRID = [1.0 - 0.025 * i for i in range(21)]  # clip ratios 1.00, 0.975, ..., 0.50
 _GRID_ELEMS = 1 << 24  # elements per chunk of the vectorised clip search (memory bound)
@@ -186,12 +189,9 @@ def quantize_weight(
 
 
 def dequantize_weight(qw: QuantizedWeight) -> Tensor:
-    """float32 (out, in) weights from codes, scale and zero."""
-    out, cols = qw.codes.shape
-    q = qw.codes.to(torch.float32).reshape(out, qw.scale.shape[1], -1)
-    if qw.zero is not None:
-        q = q - qw.zero.unsqueeze(-1)
-    return (q * qw.scale.unsqueeze(-1)).reshape(out, cols)
+    """float32 (out, in) weights from codes, scale and zero (the same function the graph runs)."""
+    return ops.dequantize_weight(qw.codes, qw.scale.float(), None if qw.zero is None else qw.zero.float(),
+                                 qw.group_size)
 
 
 def pack_int4(codes: Tensor) -> Tensor:
@@ -204,15 +204,6 @@ def pack_int4(codes: Tensor) -> Tensor:
         raise ValueError(f"pack_int4: codes in [{lo}, {hi}] fit neither [-8, 7] nor [0, 15]")
     nib = codes.to(torch.int16) & 0xF  # two's complement low nibble: -1 -> 15
     return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_int4(packed: Tensor, signed: bool) -> Tensor:
-    """Inverse of pack_int4: uint8 (..., n) -> int8 (..., 2n), signed [-8, 7] or unsigned [0, 15]."""
-    p = packed.to(torch.int16)
-    v = torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)
-    if signed:
-        v = torch.where(v >= 8, v - 16, v)
-    return v.to(torch.int8)
 
 
 def percentile_from_histogram(counts: Tensor, upper: float, q: float) -> float:
