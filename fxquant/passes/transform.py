@@ -41,13 +41,15 @@ class InsertTransforms(PassBase):
             if not pending:
                 continue  # already rewritten: a second run changes nothing
             constants = _register_transform(gm, group, self.transforms[group.name])
+            # one transformed weight per site, however many calls (readers) it has
+            targets = {name: set_constant(gm, site_key(name), "weight", self.weights[name],
+                                          dtype=self.plan.sites[name].dtype)
+                       for name in {_site(n) for readers in pending.values() for n in readers}}
             for x, readers in pending.items():
                 x_t = _insert_chain(gm, x, group, constants)
                 for linear in readers:
                     name = _site(linear)
-                    target = set_constant(gm, site_key(name), "weight", self.weights[name],
-                                          dtype=self.plan.sites[name].dtype)
-                    linear.args = (x_t, get_constant(gm, target), *linear.args[2:])
+                    linear.args = (x_t, get_constant(gm, targets[name]), *linear.args[2:])
                     tag(linear, site=name, group=group.name, role="linear", stats=self.plan.sites[name].stats)
             modified = True
         if modified:
