@@ -1,10 +1,14 @@
-"""GPU check (CUDA graphs): the lazy-style seed module against the fxquant graph of the same weights.
+"""GPU check (CUDA graphs): the float model, the lazy-style seed module and the fxquant graph.
 
-Both under torch.compile(mode="reduce-overhead") (CUDA graphs), called --calls times with every
-output kept alive between calls (the way a policy loop keeps its actions). Reports, for each:
-whether a call raised "accessing tensor output of CUDAGraphs that has been overwritten by a
-subsequent run", the compile count, and the median latency in float16 and bfloat16.
-One short call on a lent GPU:  python benchmarks/gpu_check.py  (about a minute).
+All under torch.compile(mode="reduce-overhead") (CUDA graphs), the way a VLA policy runs its
+action expert: a flow-matching loop of --steps calls with the same weights, each call's output
+feeding the next, every output kept alive (as a policy keeps its action chunk). For each module
+and dtype: whether a call raised "accessing tensor output of CUDAGraphs that has been overwritten
+by a subsequent run", the compile count, the median time of one call, and its ratio to the float
+model compiled the same way. Then the fxquant graph compiled with dynamic=True under CUDA graphs
+over several token counts (compile count), and its compiled output against the eager GraphModule.
+
+One short call on a lent GPU:  python benchmarks/gpu_check.py --out results.json  (a few minutes).
 Elsewhere it exits with a message and status 0.
 """
 
@@ -27,73 +31,122 @@ from lazy_seed import lazy_copy  # noqa: E402
 from fxquant import QuantConfig, quantize_graph  # noqa: E402
 
 OVERWRITTEN = "overwritten by a subsequent run"
+DEVICE = "cuda"  # --cpu-smoke runs the same code on the CPU, small, to check the script itself
 
 
-class Policy(nn.Module):
-    """A small action head, as a VLA policy calls it in its flow-matching loop."""
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self, dim: int = 1024, hidden: int = 4096) -> None:
+
+class ActionExpert(nn.Module):
+    """A small pre-norm MLP block stack, called once per flow-matching step."""
+
+    def __init__(self, dim: int = 1024, hidden: int = 4096, blocks: int = 2) -> None:
         super().__init__()
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(blocks))
+        self.ups = nn.ModuleList(nn.Linear(dim, hidden) for _ in range(blocks))
+        self.downs = nn.ModuleList(nn.Linear(hidden, dim) for _ in range(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
+        for norm, up, down in zip(self.norms, self.ups, self.downs, strict=True):
+            x = x + down(nn.functional.gelu(up(norm(x))))
+        return x
 
 
-def run(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> dict:
+def flow_loop(name: str, module: nn.Module, noise: list[torch.Tensor], steps: int) -> dict:
+    """Episodes of `steps` Euler steps x <- x + dt * f(x); every output stays referenced and is
+    read again after the next call (the pattern that breaks a module whose state CUDA graphs
+    overwrite)."""
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(module, backend=counter, mode="reduce-overhead")
-    kept, times, error = [], [], ""
+    kept, times, error, calls = [], [], "", 0
     with torch.no_grad():
-        for i, x in enumerate(inputs):
-            try:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                y = compiled(x)
-                checksum = float(y.float().sum())  # read this call's output now
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-                kept.append(y)
-                if i > 0:
-                    float(kept[-2].float().sum())  # and the previous one, kept alive
-            except RuntimeError as err:
-                error = f"call {i}: {str(err).splitlines()[0]}"
-                break
+        try:
+            for x in noise:
+                for _ in range(steps):
+                    sync()
+                    start = time.perf_counter()
+                    v = compiled(x)
+                    x = x + v / steps
+                    sync()
+                    times.append(time.perf_counter() - start)
+                    calls += 1
+                    kept.append(v)
+                    if len(kept) > 1:
+                        float(kept[-2].float().sum())  # the previous output, read after this call
+        except RuntimeError as err:
+            error = f"call {calls}: {str(err).splitlines()[0][:200]}"
     steady = times[len(times) // 2:] or [float("nan")]
-    return {"module": name, "calls_done": len(times), "overwritten_error": OVERWRITTEN in error, "error": error,
-            "compiles": counter.frame_count, "median_ms": 1000 * statistics.median(steady),
-            "checksum_last": checksum if times else None}
+    return {"module": name, "calls_done": calls, "calls": len(noise) * steps, "compiles": counter.frame_count,
+            "overwritten_error": OVERWRITTEN in error, "error": error, "median_ms": 1000 * statistics.median(steady)}
+
+
+def dynamic_check(gm: nn.Module, dtype: torch.dtype, token_counts: list[int]) -> dict:
+    """The fxquant graph compiled once with dynamic=True under CUDA graphs, over token counts;
+    and its compiled output against the eager GraphModule."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(gm, backend=counter, mode="reduce-overhead", dynamic=True)
+    worst, error = 0.0, ""
+    with torch.no_grad():
+        try:
+            for tokens in token_counts:
+                x = torch.randn(tokens, 1024, device=DEVICE, dtype=dtype)
+                eager, fast = gm(x).float(), compiled(x).float()
+                worst = max(worst, float((fast - eager).norm() / eager.norm()))
+        except RuntimeError as err:
+            error = str(err).splitlines()[0][:200]
+    return {"module": "fxquant graph, dynamic=True", "token_counts": token_counts, "compiles": counter.frame_count,
+            "compiled_vs_eager_rel_err": worst, "error": error}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="flow-matching steps per episode")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run (no CUDA graphs): checks the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.cpu_smoke:
+        DEVICE, args.episodes, args.steps, args.tokens = "cpu", 1, 3, 32
+    elif not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a machine with a GPU (it needs CUDA graphs).")
         return
     torch.manual_seed(0)
     results = []
     for dtype in (torch.float16, torch.bfloat16):
-        model = Policy().cuda().to(dtype).eval()
-        calib = [torch.randn(args.tokens, 1024, device="cuda", dtype=dtype) for _ in range(4)]
+        label = str(dtype).removeprefix("torch.")
+        model = ActionExpert().to(DEVICE, dtype).eval()
+        calib = [torch.randn(args.tokens, 1024, device=DEVICE, dtype=dtype) for _ in range(4)]
+        start = time.perf_counter()
         gm = quantize_graph(model, calib, QuantConfig())
-        inputs = [torch.randn(args.tokens, 1024, device="cuda", dtype=dtype) for _ in range(args.calls)]
-        for name, module in (("lazy-style seed", lazy_copy(model)), ("fxquant graph", gm)):
-            row = run(name, module, inputs) | {"dtype": str(dtype).removeprefix("torch.")}
-            results.append(row)
+        quantize_s = time.perf_counter() - start
+        noise = [torch.randn(args.tokens, 1024, device=DEVICE, dtype=dtype) for _ in range(args.episodes)]
+        rows = [flow_loop(name, module, noise, args.steps) for name, module in
+                (("float", model), ("lazy-style seed", lazy_copy(model)), ("fxquant graph", gm))]
+        for row in rows:
+            row |= {"dtype": label, "ratio_to_float": row["median_ms"] / rows[0]["median_ms"]}
+        rows.append(dynamic_check(gm, dtype, [64, 128, 256, 96]) | {"dtype": label, "quantize_s": quantize_s})
+        for row in rows:
             print(json.dumps(row), flush=True)
-    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| module | dtype | calls done | 'overwritten' error | compiles | median ms |\n|---|---|---|---|---|---|")
+        results += rows
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
+    print(f"\ndevice: {name}, torch {torch.__version__}")
+    print("| module | dtype | calls done | 'overwritten' error | compiles | median ms | / float |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['module']} | {r['dtype']} | {r['calls_done']}/{args.calls} | {r['overwritten_error']} | "
-              f"{r['compiles']} | {r['median_ms']:.3f} |")
+        if "median_ms" in r:
+            print(f"| {r['module']} | {r['dtype']} | {r['calls_done']}/{r['calls']} | {r['overwritten_error']} | "
+                  f"{r['compiles']} | {r['median_ms']:.3f} | {r['ratio_to_float']:.2f} |")
+        else:
+            print(f"| {r['module']} | {r['dtype']} | tokens {r['token_counts']} | {bool(r['error'])} | "
+                  f"{r['compiles']} | rel. err compiled vs eager {r['compiled_vs_eager_rel_err']:.2e} | |")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
 
 

@@ -119,8 +119,24 @@ def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats 
         copy = mapping[node]
         with graph.inserting_after(copy):
             graph.call_module(f"fxquant_observer_{i}", (copy,))
+    _drop_after_last_observer(graph)
     observed.recompile()
     return observed
+
+
+def _drop_after_last_observer(graph: fx.Graph) -> None:
+    """Calibration needs no output: what runs after the last observer (the final norm and the
+    vocabulary projection of an LLM, a fifth of its forward) is cut, and the output holds None
+    there. Nodes run in order, so nothing after the last observer can change what one records."""
+    nodes = list(graph.nodes)
+    last = max((i for i, n in enumerate(nodes) if n.op == "call_module" and isinstance(n.target, str)
+                and n.target.startswith("fxquant_observer_")), default=len(nodes))
+    late = {n for n in nodes[last + 1:] if n.op not in ("placeholder", "get_attr", "output")}
+    output = nodes[-1]
+    output.args = fx.node.map_arg(output.args, lambda n: None if n in late else n)
+    for node in reversed(nodes[last + 1:]):
+        if node in late and not node.users:
+            graph.erase_node(node)
 
 
 def progress(items: Iterable[Any], desc: str, unit: str, total: int | None = None) -> Iterable[Any]:

@@ -37,7 +37,8 @@ class QuantConfig:
     a_bits: int | None = 8
     a_granularity: str = "tensor"
     a_percentile: float = 99.9
-    a_symmetric: bool = True  # False: asymmetric (zero point), for a_granularity="token"
+    a_symmetric: bool | None = None  # None: asymmetric (a zero point per token) for "token", as DuQuant
+    # and torchao quantize dynamic activations; symmetric for static scales (they have no zero point)
     a_clip: float = 1.0  # "token": the grid spans clip x the token's range (DuQuant's official 0.9)
     smooth_alpha: float | None = 0.6  # None: no smoothing
     block_size: int = 128
@@ -93,6 +94,11 @@ class QuantConfig:
     def a_quantized(self) -> bool:
         return self.a_bits not in (None, 16)
 
+    @property
+    def a_zero_point(self) -> bool:
+        """Whether activations are quantized asymmetrically (a_symmetric resolved)."""
+        return self.a_granularity == "token" if self.a_symmetric is None else not self.a_symmetric
+
 
 def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
@@ -133,7 +139,7 @@ def _validate(c: QuantConfig, where: str) -> None:
     _choice(where, "a_granularity", c.a_granularity, GRANULARITIES)
     _choice(where, "capture", c.capture, CAPTURES)
     _choice(where, "weight_format", c.weight_format, WEIGHT_FORMATS)
-    if not c.a_symmetric and c.a_granularity != "token":
+    if c.a_symmetric is False and c.a_granularity != "token":
         raise _bad(where, "a_symmetric", c.a_symmetric, 'asymmetric activations need a_granularity="token" '
                    "(static scales are symmetric); set a_granularity='token' or a_symmetric=True")
     if isinstance(c.a_clip, bool) or not isinstance(c.a_clip, (int, float)) or not 0 < c.a_clip <= 1:
@@ -151,9 +157,11 @@ def _validate(c: QuantConfig, where: str) -> None:
             raise _bad(where, name, value, "use a non-negative integer")
     if c.calib_tokens < 1:
         raise _bad(where, "calib_tokens", c.calib_tokens, "keep at least one row, e.g. 2048")
-    for name in ("permute", "w_symmetric", "a_symmetric", "skip", "keep_float_weights"):
+    for name in ("permute", "w_symmetric", "skip", "keep_float_weights"):
         if not isinstance(getattr(c, name), bool):
             raise _bad(where, name, getattr(c, name), "use True or False")
+    if c.a_symmetric is not None and not isinstance(c.a_symmetric, bool):
+        raise _bad(where, "a_symmetric", c.a_symmetric, "use True, False, or None (asymmetric only per token)")
 
 
 def _choice(where: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:

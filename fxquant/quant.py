@@ -23,8 +23,9 @@ from .ops import unpack_int4  # noqa: F401  the inverse of pack_int4 is the run-
 
 _SCALE_FLOOR = 1e-12  # scale of an all-zero row or group: keeps w / scale finite
 _MSE_GRID = [1.0 - 0.025 * i for i in range(21)]  # clip ratios 1.00, 0.975, ..., 0.50
-_GRID_ELEMS = 1 << 24  # elements per chunk of the vectorised clip search (memory bound)
-_GPTQ_BLOCK = 128  # lazy-batch width of GPTQ
+_GRID_ELEMS = 1 << 18  # elements per chunk of the clip search: 1 MiB stays in cache (16x faster than 64 MiB)
+_GPTQ_BLOCK = 32  # lazy-batch width of GPTQ: 32 keeps the in-block updates cache-sized (2.8x faster than 128)
+_GPTQ_BATCH_ELEMS = 1 << 26  # weights per GPTQ batch (256 MiB of float32 working copy)
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,10 @@ def weight_scales(
     return _params(wg, grid.view(-1)[best], bits, symmetric)
 
 
-def _gptq_codes(w: Tensor, gram: Tensor, scale: Tensor, zero: Tensor | None, bits: int, gs: int) -> Tensor:
-    """GPTQ (Frantar et al. 2022) with fixed scales: quantize columns in order, pushing each
-    column's error onto the not-yet-quantized columns through the inverse Hessian H = X^T X."""
-    out, cols = w.shape
+def _gptq_hinv(gram: Tensor) -> Tensor:
+    """Upper Cholesky factor (float32) of (H + damp I)^-1, H = X^T X: row i holds column i's
+    error feedback onto the later columns, in closed form."""
+    cols = gram.shape[0]
     h = gram.detach().to(torch.float64).clone()
     dead = h.diagonal() == 0
     # A dead input channel (never non-zero) has no curvature: make H invertible there; its
@@ -132,30 +133,45 @@ def _gptq_codes(w: Tensor, gram: Tensor, scale: Tensor, zero: Tensor | None, bit
     h[dead, dead] = 1.0
     damp = 0.01 * h.diagonal().mean()
     for _ in range(5):
-        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(cols, dtype=torch.float64))
+        # factorised in float32 (as GPTQ does): 2x faster, 4e-6 relative error on SmolLM2's Grams
+        chol, info = torch.linalg.cholesky_ex((h + damp * torch.eye(cols, dtype=torch.float64)).flip(0, 1).float())
         if info == 0:
             break
         damp = damp * 10  # numerically indefinite Gram: dampen more rather than fail
     else:
         raise ValueError("gptq: the Gram matrix is not positive definite even with heavy dampening")
-    # Upper Cholesky factor of H^-1: row i gives column i's error feedback in closed form.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-    wk = w.detach().to(torch.float64).clone()
-    s64 = scale.to(torch.float64)
-    z64 = None if zero is None else zero.to(torch.float64)
-    codes = torch.empty(out, cols, dtype=_code_dtype(bits, zero is None))
+    # With J the index flip, J chol(J H J) J = V is upper triangular and H = V V^T, so
+    # H^-1 = V^-T V^-1: its upper factor is V^-1, one triangular inverse (no second Cholesky).
+    v = chol.flip(0, 1)
+    return torch.linalg.solve_triangular(v, torch.eye(cols), upper=True)
+
+
+def _gptq_codes(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor | None, bits: int, gs: int) -> Tensor:
+    """GPTQ (Frantar et al. 2022) with fixed scales, for a batch of same-shaped problems:
+    w (n, out, cols), hinv (n, cols, cols) from _gptq_hinv, scale/zero (n, out, groups).
+    Columns are quantized in order, each one's error pushed onto the later columns. The column
+    loop runs once for the whole batch: per column it is a few small ops, so batching the
+    layers of a model that share a shape divides the Python overhead by their number."""
+    lo_code, hi_code = _code_range(bits, zero is None)
+    cols = w.shape[-1]
+    wk = w.detach().to(torch.float32).clone()
+    hinv = hinv.to(torch.float32)
+    diag = hinv.diagonal(dim1=1, dim2=2)  # (n, cols)
+    codes = torch.empty(w.shape, dtype=_code_dtype(bits, zero is None))
     for a in range(0, cols, _GPTQ_BLOCK):
         b = min(a + _GPTQ_BLOCK, cols)
-        blk = wk[:, a:b].clone()
+        blk = wk[..., a:b].clone()
         err = torch.empty_like(blk)
         for i in range(b - a):
-            g = (a + i) // gs
-            q, deq = _fake_quant(blk[:, i : i + 1], s64[:, g], None if z64 is None else z64[:, g], bits)
-            codes[:, a + i] = q[:, 0].to(codes.dtype)
-            e = (blk[:, i] - deq[:, 0]) / hinv[a + i, a + i]
-            blk[:, i:] -= e.unsqueeze(1) * hinv[a + i, a + i : b].unsqueeze(0)
-            err[:, i] = e
-        wk[:, b:] -= err @ hinv[a:b, b:]  # lazy batch: the block's error on later columns at once
+            col, g = a + i, (a + i) // gs
+            s = scale[..., g]
+            z = 0.0 if zero is None else zero[..., g]
+            q = (torch.round(blk[..., i] / s) + z).clamp_(lo_code, hi_code)
+            codes[..., col] = q
+            e = (blk[..., i] - (q - z) * s) / diag[:, col : col + 1]
+            blk[..., i + 1 :].baddbmm_(e.unsqueeze(-1), hinv[:, col : col + 1, col + 1 : b], alpha=-1)
+            err[..., i] = e
+        wk[..., b:] -= err @ hinv[:, a:b, b:]  # lazy batch: the block's error on later columns at once
     return codes
 
 
@@ -171,21 +187,49 @@ def quantize_weight(
 ) -> QuantizedWeight:
     """Quantize w (out, in). method "rtn": round to nearest; "gptq": needs gram = X^T X (in, in)
     of the layer input. Scales come from weight_scales (clip "mse" weighs by diag(gram))."""
-    wg = _grouped(w, group_size)
-    cols = w.shape[1]
-    if gram is not None and gram.shape != (cols, cols):
-        raise ValueError(f"gram must be ({cols}, {cols}) for weight {tuple(w.shape)}, got {tuple(gram.shape)}")
+    return quantize_weights([w], bits, group_size=group_size, symmetric=symmetric, clip=clip, method=method,
+                            grams=None if gram is None else [gram])[0]
+
+
+def quantize_weights(
+    ws: list[Tensor],
+    bits: int,
+    *,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    clip: str | float = "mse",
+    method: str = "rtn",
+    grams: list[Tensor] | None = None,
+) -> list[QuantizedWeight]:
+    """quantize_weight for weights of one shape, grams[i] belonging to ws[i]; same results,
+    but GPTQ runs its column loop once per batch of _GPTQ_BATCH_ELEMS elements."""
+    if not ws or any(w.shape != ws[0].shape for w in ws):
+        raise ValueError(f"quantize_weights: needs weights of one shape, got {[tuple(w.shape) for w in ws]}")
     if method not in ("rtn", "gptq"):
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
-    if method == "gptq" and gram is None:
+    wg = _grouped(ws[0], group_size)
+    cols = ws[0].shape[1]
+    if grams is not None:
+        for gram in grams:
+            if gram.shape != (cols, cols):
+                raise ValueError(f"gram must be ({cols}, {cols}) for weight {tuple(ws[0].shape)}, "
+                                 f"got {tuple(gram.shape)}")
+    elif method == "gptq":
         raise ValueError("method 'gptq' needs gram = X^T X of the layer input (collect it in calibration)")
-    diag = None if gram is None else gram.diagonal()
-    scale, zero = weight_scales(w, bits, group_size=group_size, symmetric=symmetric, clip=clip, gram_diag=diag)
+    params = [weight_scales(w, bits, group_size=group_size, symmetric=symmetric, clip=clip,
+                            gram_diag=None if grams is None else grams[i].diagonal()) for i, w in enumerate(ws)]
     if method == "rtn":
-        codes = _fake_quant(wg, scale, zero, bits)[0].reshape(w.shape).to(_code_dtype(bits, symmetric))
+        codes = [_fake_quant(_grouped(w, group_size), *p, bits)[0].reshape(w.shape).to(_code_dtype(bits, symmetric))
+                 for w, p in zip(ws, params, strict=True)]
     else:
-        codes = _gptq_codes(w, gram, scale, zero, bits, wg.shape[2])
-    return QuantizedWeight(codes, scale, zero, bits, group_size)
+        per_batch = max(1, _GPTQ_BATCH_ELEMS // ws[0].numel())
+        codes = []
+        for a in range(0, len(ws), per_batch):
+            part = range(a, min(a + per_batch, len(ws)))
+            zeros = None if symmetric else torch.stack([params[i][1] for i in part])
+            codes += _gptq_codes(torch.stack([ws[i] for i in part]), torch.stack([_gptq_hinv(grams[i]) for i in part]),
+                                 torch.stack([params[i][0] for i in part]), zeros, bits, wg.shape[2]).unbind(0)
+    return [QuantizedWeight(c, s, z, bits, group_size) for c, (s, z) in zip(codes, params, strict=True)]
 
 
 def dequantize_weight(qw: QuantizedWeight) -> Tensor:

@@ -15,7 +15,7 @@ from .calibrate import InputStats, RangeStats, progress
 from .config import QuantConfig
 from .duquant import Transform, apply_to_activation, build_transform, transform_gram
 from .plan import Group, QuantPlan
-from .quant import QuantizedWeight, dequantize_weight, quantize_weight
+from .quant import QuantizedWeight, dequantize_weight, quantize_weights
 
 
 def needs_gram(config: QuantConfig) -> bool:
@@ -63,39 +63,50 @@ def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: di
     """Quantize every transformed weight with its group's transformed Gram matrix.
 
     Sites of a group with the same weight settings are quantized as one matrix (their rows
-    stacked): every quantizer here works row by row, so this is exact, and GPTQ's column loop and
-    Cholesky factorization run once per group instead of once per layer.
+    stacked): every quantizer here works row by row, so this is exact. Those matrices are then
+    quantized together wherever settings and shape agree (the layers of a transformer), so
+    GPTQ's column loop runs once per shape instead of once per layer.
     """
-    quantized = {}
+    jobs: dict[tuple, list[tuple[list[str], torch.Tensor, torch.Tensor | None]]] = {}
     for group in plan.groups.values():
         gram = transformed_gram(inputs[group.name], transforms[group.name])
-        batches: dict[str, list[str]] = {}
+        same: dict[tuple, list[str]] = {}
         for name in group.sites:
             if plan.sites[name].config.w_quantized:
-                batches.setdefault(repr(_weight_settings(plan.sites[name].config)), []).append(name)
-        for names in batches.values():
-            stacked = solve_weight(plan.sites[names[0]].config, torch.cat([weights[n] for n in names]), gram)
-            start = 0
-            for name in names:
-                rows = slice(start, start + weights[name].shape[0])
-                start = rows.stop
-                quantized[name] = dataclasses.replace(
-                    stacked, codes=stacked.codes[rows], scale=stacked.scale[rows],
-                    zero=None if stacked.zero is None else stacked.zero[rows])
-                plan.sites[name].stats["weight_error"] = weight_error(weights[name], quantized[name])
-                if keep_float:
-                    plan.sites[name].stats["weight_float"] = weights[name]
+                same.setdefault(_weight_settings(plan.sites[name].config), []).append(name)
+        for settings, names in same.items():
+            stacked = torch.cat([weights[n] for n in names])
+            jobs.setdefault((settings, tuple(stacked.shape)), []).append((names, stacked, gram))
+    quantized = {}
+    for (settings, _), batch in jobs.items():
+        bits, group_size, clip, method, symmetric = settings
+        # a group's Gram exists when any of its sites needs one: pass it only where these settings do
+        grams = [gram for _, _, gram in batch] if method == "gptq" or clip == "mse" else None
+        results = quantize_weights([w for _, w, _ in batch], bits, group_size=group_size, symmetric=symmetric,
+                                   clip=clip, method=method, grams=grams)
+        for (names, _, _), stacked in zip(batch, results, strict=True):
+            quantized.update(_split_rows(stacked, names, weights))
+    for name, qw in quantized.items():
+        plan.sites[name].stats["weight_error"] = weight_error(weights[name], qw)
+        if keep_float:
+            plan.sites[name].stats["weight_float"] = weights[name]
     return quantized
+
+
+def _split_rows(stacked: QuantizedWeight, names: list[str], weights: dict[str, torch.Tensor]
+                ) -> dict[str, QuantizedWeight]:
+    """The quantized rows of each site, back out of its group's stacked matrix."""
+    out, start = {}, 0
+    for name in names:
+        rows = slice(start, start + weights[name].shape[0])
+        start = rows.stop
+        out[name] = dataclasses.replace(stacked, codes=stacked.codes[rows], scale=stacked.scale[rows],
+                                        zero=None if stacked.zero is None else stacked.zero[rows])
+    return out
 
 
 def _weight_settings(c: QuantConfig) -> tuple:
     return c.w_bits, c.w_group_size, c.w_clip, c.w_method, c.w_symmetric
-
-
-def solve_weight(config: QuantConfig, weight: torch.Tensor, gram: torch.Tensor | None) -> QuantizedWeight:
-    """Quantize one transformed weight (gram: X^T X of the transformed input, or None)."""
-    return quantize_weight(weight, config.w_bits, group_size=config.w_group_size,
-                           symmetric=config.w_symmetric, clip=config.w_clip, method=config.w_method, gram=gram)
 
 
 def transformed_gram(stats: InputStats, t: Transform) -> torch.Tensor | None:

@@ -51,10 +51,10 @@ class QuantizeActivations(PassBase):
                                                       dtype=group.dtype))
             if scale is not None:
                 fn, args = ops.fake_quant_static, (scale, qmax)
-            elif c.a_symmetric:
-                fn, args = ops.fake_quant_per_token, (qmax, c.a_clip)
-            else:
+            elif c.a_zero_point:
                 fn, args = ops.fake_quant_per_token_asym, (2**c.a_bits - 1, c.a_clip)
+            else:
+                fn, args = ops.fake_quant_per_token, (qmax, c.a_clip)
             for x_t, linears in pending.items():
                 with gm.graph.inserting_after(x_t):
                     q = gm.graph.create_node("call_function", fn, (x_t, *args), name=f"{x_t.name}_q")
