@@ -2,7 +2,7 @@
 
 All under torch.compile(mode="reduce-overhead") (CUDA graphs), the way a VLA policy runs its
 action expert: a flow-matching loop of --steps calls with the same weights, each call's output
-feeding the next, every output kept alive (as a policy keeps its action chunk). For each module
+feeding the next, a copy of every output kept (as a policy keeps its action chunk). For each module
 and dtype: whether a call raised "accessing tensor output of CUDAGraphs that has been overwritten
 by a subsequent run", the compile count, the median time of one call, and its ratio to the float
 model compiled the same way. Then the fxquant graph compiled with dynamic=True under CUDA graphs
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lazy_seed import lazy_copy  # noqa: E402
@@ -54,13 +54,23 @@ class ActionExpert(nn.Module):
         return x
 
 
-def flow_loop(name: str, module: nn.Module, noise: list[torch.Tensor], steps: int) -> dict:
-    """Episodes of `steps` Euler steps x <- x + dt * f(x); every output stays referenced and is
-    read again after the next call (the pattern that breaks a module whose state CUDA graphs
-    overwrite)."""
+def compile_counted(module: nn.Module, **kwargs: object) -> nn.Module:
+    """torch.compile(mode="reduce-overhead") from a clean Dynamo state; compiles() counts its graphs."""
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(module, backend=counter, mode="reduce-overhead")
+    counters.clear()
+    return torch.compile(module, mode="reduce-overhead", **kwargs)
+
+
+def compiles() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def flow_loop(name: str, module: nn.Module, noise: list[torch.Tensor], steps: int) -> dict:
+    """Episodes of `steps` Euler steps x <- x + dt * f(x), each output used before the next call
+    (as CUDA graphs require of outputs) and a copy kept. A module that stores a tensor computed in
+    forward on itself (the lazy seed's activation scale) reads it in a later replay that has
+    already overwritten it: that is the error this loop looks for."""
+    compiled = compile_counted(module)
     kept, times, error, calls = [], [], "", 0
     with torch.no_grad():
         try:
@@ -73,22 +83,18 @@ def flow_loop(name: str, module: nn.Module, noise: list[torch.Tensor], steps: in
                     sync()
                     times.append(time.perf_counter() - start)
                     calls += 1
-                    kept.append(v)
-                    if len(kept) > 1:
-                        float(kept[-2].float().sum())  # the previous output, read after this call
+                    kept.append(v.clone())  # a policy keeps its actions; CUDA graphs own `v` itself
         except RuntimeError as err:
             error = f"call {calls}: {str(err).splitlines()[0][:200]}"
     steady = times[len(times) // 2:] or [float("nan")]
-    return {"module": name, "calls_done": calls, "calls": len(noise) * steps, "compiles": counter.frame_count,
+    return {"module": name, "calls_done": calls, "calls": len(noise) * steps, "compiles": compiles(),
             "overwritten_error": OVERWRITTEN in error, "error": error, "median_ms": 1000 * statistics.median(steady)}
 
 
 def dynamic_check(gm: nn.Module, dtype: torch.dtype, token_counts: list[int]) -> dict:
     """The fxquant graph compiled once with dynamic=True under CUDA graphs, over token counts;
     and its compiled output against the eager GraphModule."""
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(gm, backend=counter, mode="reduce-overhead", dynamic=True)
+    compiled = compile_counted(gm, dynamic=True)
     worst, error = 0.0, ""
     with torch.no_grad():
         try:
@@ -98,7 +104,7 @@ def dynamic_check(gm: nn.Module, dtype: torch.dtype, token_counts: list[int]) ->
                 worst = max(worst, float((fast - eager).norm() / eager.norm()))
         except RuntimeError as err:
             error = str(err).splitlines()[0][:200]
-    return {"module": "fxquant graph, dynamic=True", "token_counts": token_counts, "compiles": counter.frame_count,
+    return {"module": "fxquant graph, dynamic=True", "token_counts": token_counts, "compiles": compiles(),
             "compiled_vs_eager_rel_err": worst, "error": error}
 
 

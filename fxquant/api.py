@@ -64,7 +64,8 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
         run_loader(observed_copy(gm, watch), loader, desc="fxquant calibrate")
 
     with _timed(seconds, "transforms"):  # solve, then rewrite activations and weights (still exact in float)
-        floats = {s.name: fetch_attr(gm, s.weight).detach().float() for s in plan.active_sites()}
+        # solving is CPU math next to the CPU statistics; constants go back to the model's device
+        floats = {s.name: fetch_attr(gm, s.weight).detach().float().cpu() for s in plan.active_sites()}
         transforms = solve.solve_transforms(list(plan.groups.values()), inputs, floats)
         weights = {s: apply_to_weight(floats[s], transforms[g.name])
                    for g in plan.groups.values() for s in g.sites}
