@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "export")
                 return torch.fx.symbolic_trace(model)
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
                                           strict=False)
+            _warn_size_one(args, kwargs)
             return program.module()
         except Exception as err:  # quote torch's reason and say what to try
             other = "symbolic_trace" if method == "export" else "export"
@@ -60,6 +62,21 @@ def dynamic_dims(args: tuple, kwargs: dict) -> list:
         return None
 
     return [torch.utils._pytree.tree_map(auto, value) for value in list(args) + list(kwargs.values())]
+
+
+def _warn_size_one(args: tuple, kwargs: dict) -> None:
+    """torch.export fixes a dim whose example size is 1: say so, since the graph then serves
+    only that size there (a batch of one row captures a batch-1-only graph)."""
+    named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"'{k}'", v) for k, v in kwargs.items()]
+    for name, value in named:
+        leaves = torch.utils._pytree.tree_leaves(value)
+        for tensor in (t for t in leaves if isinstance(t, torch.Tensor)):
+            fixed = [i for i, size in enumerate(tensor.shape) if size == 1]
+            if fixed:
+                warnings.warn(f"fxquant capture: input {name} has size 1 in dim {fixed} of shape "
+                              f"{tuple(tensor.shape)}; torch.export fixes such a dim, so the graph accepts only "
+                              "size 1 there. If it varies at run time (batch, tokens), capture from a batch with "
+                              "at least 2 there (example_inputs= or the loader's first batch).", stacklevel=4)
 
 
 @contextlib.contextmanager

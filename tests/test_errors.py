@@ -92,3 +92,11 @@ def test_skip_override_leaves_layer_in_float():
     plan = gm.meta["fxquant"]["plan"]
     assert plan.sites["2"].skip and not plan.sites["0"].skip
     assert torch.equal(gm.state_dict()["2.weight"], model[2].weight)
+
+
+def test_size_one_capture_dim_warns_and_names_it():
+    """A one-row example makes torch.export fix the batch dim: fxquant says so, naming the dim."""
+    with pytest.warns(UserWarning, match=r"argument 0 has size 1 in dim \[0\].*at least 2"):
+        gm = quantize_graph(mlp(), [torch.randn(1, 64)], FAST)
+    with pytest.raises(AssertionError, match="size"):  # the warning is true: only batch 1 is accepted
+        gm(torch.randn(3, 64))
