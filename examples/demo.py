@@ -72,6 +72,8 @@ def main() -> None:
     t = time.perf_counter()
     gm = quantize_graph(model, calib, config)
     say(f"quantize_graph(model, calib, QuantConfig()) took {time.perf_counter() - t:.1f} s")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in gm.meta["fxquant"]["seconds"].items())
+    print(f"  stages (after capture): {stages}")
     plan = gm.meta["fxquant"]["plan"]
     print(f"  plan: {plan.table().splitlines()[-1]}")
     worst = sorted((s for s in plan.active_sites() if "weight_error" in s.stats),

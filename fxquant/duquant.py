@@ -259,12 +259,14 @@ def build_transform(
     steps: int,
     permute: bool,
     seed: int,
+    prune: bool = True,
 ) -> Transform:
     """Smoothing -> R1 on rows/s -> zigzag on max|.| after R1 -> R2 on the permuted sample.
 
     rows: bounded calibration sample (N, D) of the raw activation; act_absmax: exact
     per-channel max|x| over all calibration data; weight: the group's weights concatenated
-    (out_total, D). Same inputs and seed give a bit-identical Transform.
+    (out_total, D). Same inputs and seed give a bit-identical Transform, pruned or not (prune=False
+    runs the exhaustive search, for benchmarks and tests).
     """
     if rows.ndim != 2:
         raise ValueError(f"build_transform: rows must be (N, D), got {tuple(rows.shape)}")
@@ -285,7 +287,7 @@ def build_transform(
     x = rows.detach().to(torch.float64)
     if smooth is not None:
         x = x / smooth.to(torch.float64)  # the stored float32 scales, so T is what runs
-    r1 = greedy_rotation(x, b, steps, gen)
+    r1 = greedy_rotation(x, b, steps, gen, prune=prune)
     x = _block_rotate(x, r1, b)
     perm = None
     if permute and d // b > 1:  # one block: a permutation adds nothing R2 cannot do
@@ -294,7 +296,7 @@ def build_transform(
             perm = None
         else:
             x = x[..., perm]
-    r2 = greedy_rotation(x, b, steps, gen)
+    r2 = greedy_rotation(x, b, steps, gen, prune=prune)
     rots = []
     for name, r in (("R1", r1), ("R2", r2)):
         if torch.equal(r, torch.eye(b, dtype=torch.float64)):

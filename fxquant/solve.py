@@ -60,7 +60,8 @@ def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
 
 def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: dict[str, Transform],
                   weights: dict[str, torch.Tensor], keep_float: bool = False) -> dict[str, QuantizedWeight]:
-    """Quantize every transformed weight with its group's transformed Gram matrix.
+    """Quantize every transformed weight with its group's transformed Gram matrix (consuming the
+    raw Gram matrices of ``inputs``).
 
     Sites of a group with the same weight settings are quantized as one matrix (their rows
     stacked): every quantizer here works row by row, so this is exact. Those matrices are then
@@ -70,6 +71,9 @@ def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: di
     jobs: dict[tuple, list[tuple[list[str], torch.Tensor, torch.Tensor | None]]] = {}
     for group in plan.groups.values():
         gram = transformed_gram(inputs[group.name], transforms[group.name])
+        # the raw Gram is consumed here: all groups' transformed Grams are held at once (for
+        # batching), in the memory the raw ones free
+        inputs[group.name].gram = None
         same: dict[tuple, list[str]] = {}
         for name in group.sites:
             if plan.sites[name].config.w_quantized:

@@ -128,3 +128,25 @@ def test_bfloat16_model_keeps_its_dtype_and_float32_rotations():
 
 def _sqnr(got, want):
     return float(10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()))
+
+
+def test_calibration_copy_stops_at_the_last_observer():
+    """What runs after the last observed activation (an LLM's vocabulary projection) is cut from
+    the calibration copy; the statistics are those of the full graph."""
+    from models import mlp
+
+    from fxquant.calibrate import InputStats, observed_copy
+    from fxquant.capture import capture
+
+    model = mlp()
+    x = torch.randn(8, 64)
+    gm = capture(model, (x,), {})
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    stats = InputStats("0", 64, 16, 0, gram=True)
+    observed = observed_copy(gm, [(first, stats)])
+    ops = [n for n in observed.graph.nodes if n.op == "call_function"]
+    assert ops == [], f"nothing should run after the only observer, got {ops}"
+    assert observed(x) is None
+    torch.testing.assert_close(stats.absmax, x.abs().amax(0))
+    torch.testing.assert_close(stats.gram, (x.T @ x).double())
+    assert len(list(gm.graph.nodes)) > len(list(observed.graph.nodes))  # the original graph is untouched
