@@ -30,7 +30,6 @@ import realmodel  # noqa: E402
 from accuracy import git_commit, write_atomic  # noqa: E402
 
 from fxquant import QuantConfig, quantize_graph, solve  # noqa: E402
-from fxquant.duquant import build_transform  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,11 +49,8 @@ def record_solver_inputs() -> list[tuple]:
 
 
 def rebuild(group, stats, weights, index: int, prune: bool) -> tuple[float, object]:
-    c = group.config
     start = time.perf_counter()
-    t = build_transform(stats.rows, stats.absmax, torch.cat([weights[s] for s in group.sites]),
-                        alpha=c.smooth_alpha, block_size=c.block_size, steps=c.rotation_steps,
-                        permute=c.permute, seed=c.seed * 1_000_003 + index, prune=prune)
+    t = solve.build_group_transform(group, stats, [weights[s] for s in group.sites], index, prune=prune)
     return time.perf_counter() - start, t
 
 

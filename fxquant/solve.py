@@ -22,12 +22,18 @@ def needs_gram(config: QuantConfig) -> bool:
     return config.w_quantized and (config.w_clip == "mse" or config.w_method == "gptq")
 
 
-def solve_transform(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int) -> Transform:
-    """The group's DuQuant transform; each group draws its own seeded random matrices."""
+def build_group_transform(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int,
+                          prune: bool = True) -> Transform:
+    """The group's DuQuant transform; each group (its index in the plan) draws its own seeded matrices."""
     c = group.config
-    t = build_transform(stats.rows, stats.absmax, torch.cat(weights), alpha=c.smooth_alpha,
-                        block_size=c.block_size, steps=c.rotation_steps, permute=c.permute,
-                        seed=c.seed * 1_000_003 + index)
+    return build_transform(stats.rows, stats.absmax, torch.cat(weights), alpha=c.smooth_alpha,
+                           block_size=c.block_size, steps=c.rotation_steps, permute=c.permute,
+                           seed=c.seed * 1_000_003 + index, prune=prune)
+
+
+def solve_transform(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int) -> Transform:
+    """build_group_transform, plus the before/after statistics the plan table and dump show."""
+    t = build_group_transform(group, stats, weights, index)
     # before and after on the same sampled rows, so the two are comparable
     before, after = stats.rows.abs(), apply_to_activation(stats.rows, t).abs()
     group.stats.update(tokens=stats.tokens, sampled_rows=before.shape[0], absmax_all=stats.absmax.clone(),
