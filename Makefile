@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# spinning OpenMP threads make the many small ops of calibration and the rotation search far
-# slower on a busy 2-core machine; passive waiting costs nothing when the machine is idle
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP's default wait policy (spin briefly, then sleep) is the fast one on an idle machine:
+# OMP_WAIT_POLICY=PASSIVE made the weight quantizer's many small ops 5x slower here (measured).
+# On a machine shared with other busy processes, PASSIVE can be the better choice: set it there.
 
 .PHONY: demo test lint bench-speed bench-accuracy install
 

@@ -21,10 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Before torch starts OpenMP: on a shared 2-core machine, spinning OpenMP threads make the many
-# small ops of the transform search ~10x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
@@ -60,7 +56,8 @@ def time_forward(fn: Callable[[torch.Tensor], Any], ids: torch.Tensor, warmup: i
 
 def main() -> None:
     threads = realmodel.set_threads()
-    say(f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+    say(f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={policy}; "
         "loading SmolLM2-135M-Instruct and the pydoc text")
     split = realmodel.protocol_windows(realmodel.CALIB_WINDOWS, EVAL_WINDOWS)
     model = realmodel.load_model()
