@@ -167,7 +167,6 @@ def _gptq_codes(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor | None, bit
     lo_code, hi_code = _code_range(bits, zero is None)
     cols = w.shape[-1]
     wk = w.detach().to(torch.float32).clone()
-    hinv = hinv.to(torch.float32)
     diag = hinv.diagonal(dim1=1, dim2=2)  # (n, cols)
     codes = torch.empty(w.shape, dtype=_code_dtype(bits, zero is None))
     for a in range(0, cols, _GPTQ_BLOCK):
@@ -219,7 +218,6 @@ def quantize_weights(
         raise ValueError(f"quantize_weights: needs weights of one shape, got {[tuple(w.shape) for w in ws]}")
     if method not in ("rtn", "gptq"):
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
-    wg = _grouped(ws[0], group_size)
     cols = ws[0].shape[1]
     if grams is not None:
         for gram in grams:
@@ -240,7 +238,7 @@ def quantize_weights(
             part = range(a, min(a + per_batch, len(ws)))
             zeros = None if symmetric else torch.stack([params[i][1] for i in part])
             codes += _gptq_codes(torch.stack([ws[i] for i in part]), torch.stack([_gptq_hinv(grams[i]) for i in part]),
-                                 torch.stack([params[i][0] for i in part]), zeros, bits, wg.shape[2]).unbind(0)
+                                 torch.stack([params[i][0] for i in part]), zeros, bits, group_size or cols).unbind(0)
     return [QuantizedWeight(c, s, z, bits, group_size) for c, (s, z) in zip(codes, params, strict=True)]
 
 
