@@ -27,6 +27,7 @@ import realmodel  # noqa: E402
 from accuracy import git_commit, write_atomic  # noqa: E402
 
 from fxquant import QuantConfig, quantize_graph, solve  # noqa: E402
+from fxquant.duquant import build_transforms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,7 +48,7 @@ def record_solver_inputs() -> list[tuple]:
 
 def rebuild(group, stats, weights, index: int, prune: bool) -> tuple[float, object]:
     start = time.perf_counter()
-    t = solve.build_group_transform(group, stats, [weights[s] for s in group.sites], index, prune=prune)
+    t = build_transforms([solve.group_sample(group, stats, [weights[s] for s in group.sites], index)], prune=prune)[0]
     return time.perf_counter() - start, t
 
 

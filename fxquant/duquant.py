@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,9 @@ from torch import Tensor
 
 _MIN_BLOCK = 16  # below this a block rotation spreads outliers too little to be worth it
 _MAX_DENSE = 1024  # largest dim for which a dense D x D fallback rotation is acceptable
-_CHUNK = 64  # rows per screening reduction and per exact float64 GEMM in the greedy search
+_CHUNK = 16  # rows per screening reduction and per exact float64 GEMM in the greedy search
 _BF16_FAST: bool | None = None  # measured once by _screen_dtype
+_SCREEN_TILE = 1 << 20  # about this many screened entries per GEMM: 4 MB of float32 output stays in cache
 _NORM_SLACK = 1e-6  # relative margin: a computed |x @ R| may exceed ||x|| by rounding (~1e-13)
 
 
@@ -148,83 +150,140 @@ def greedy_rotation(
 ) -> Tensor:
     """Greedy DuQuant rotation for rows (N, D) viewed as (-1, B); returns float64 (B, B).
 
-    Each step spreads the channel of the largest |entry| with S_e (the seed with rows and
-    cols 0, e swapped); the prefix of steps with the smallest global range (max - min) wins.
-    Rows are sorted by norm (stable) and cut in chunks of _CHUNK; ties of |entry| go to the
-    first in that order. Each step screens chunks with one cheap GEMM, then recomputes in
-    float64 only the chunks that can hold the max or min (the screen's error is bounded by
-    a margin from the row norms), so every decision is exact. prune=False screens every chunk in
-    float64. prune=True gives the same matrix, but screens in bfloat16/float32 and skips
-    chunks by norm: an orthogonal map keeps row norms, so rows whose norm is below both
-    |max| and |min| of the screened rows cannot matter.
+    Draws its seed matrix from ``generator``, then runs greedy_rotations on this one problem.
     """
-    b, c = block_size, _CHUNK
+    b = block_size
     if rows.ndim != 2 or rows.shape[1] % b:
         raise ValueError(f"greedy_rotation: rows {tuple(rows.shape)} must be (N, D) with D % {b} == 0")
     x = rows.detach().to(torch.float64).reshape(-1, b)
-    if not torch.isfinite(x).all():
-        raise ValueError("greedy_rotation: calibration rows contain inf/nan")
-    seed = seed_matrix(b, generator)
-    r = torch.eye(b, dtype=torch.float64)
-    norms = torch.linalg.vector_norm(x, dim=1)
-    if x.shape[0] == 0 or steps <= 0 or norms.max() == 0:
+    return greedy_rotations([x], seed_matrix(b, generator)[None], steps, prune=prune)[0]
+
+
+def greedy_rotations(rows: Sequence[Tensor], seeds: Tensor, steps: int, *, prune: bool = True) -> Tensor:
+    """The greedy rotation of G independent problems in lockstep: G float64 rows (M, B), seeds (G, B, B).
+
+    Returns (G, B, B) float64. Each step spreads the channel of the largest |entry| with S_e (the
+    group's seed with rows and cols 0, e swapped); the prefix of steps with the smallest global
+    range (max - min) wins. Rows are sorted by norm (stable) and cut in chunks of _CHUNK; ties of
+    |entry| go to the first in that order. Each step screens every row with one cheap batched GEMM,
+    then recomputes in float64 only the chunks that can hold the max or min (the screen's error is
+    bounded by a margin from the row norms), so every decision is exact. prune=False recomputes
+    every chunk in float64 at every step and gives the same matrices. Running the groups side by
+    side makes one call per step for all of them: per group, a step is too small to keep the
+    cores busy, and Python's per-op cost would otherwise dominate.
+    """
+    (g, (m, b)), c = (len(rows), rows[0].shape), _CHUNK
+    norms = torch.stack([torch.linalg.vector_norm(x, dim=1) for x in rows])
+    if not torch.isfinite(norms).all():  # a row's norm is finite iff its entries are (float32-sized data)
+        raise ValueError("greedy_rotation: calibration rows contain inf/nan (or values too large for float64)")
+    r = torch.eye(b, dtype=torch.float64).repeat(g, 1, 1)
+    if m == 0 or steps <= 0:
         return r
-    order = torch.sort(norms, descending=True, stable=True).indices
-    k = -(-x.shape[0] // c)  # chunks; padding repeats the last row, changing no max or min
-    order = torch.cat([order, order[-1:].expand(k * c - x.shape[0])])
-    ns = norms[order]
-    xs, top = x[order], ns[::c]  # top: the largest row norm of each chunk
-    # Screening segments: the rows of chunk 0 one by one (norms vary most at the top, and a
-    # margin sized for the largest row would swamp the others), then whole chunks.
-    seg_chunk = torch.cat([torch.zeros(c, dtype=torch.long), torch.arange(1, k)])
-    sd = _screen_dtype() if prune and top[0] < 1e30 else torch.float64
-    u_in, u_acc, u64 = (torch.finfo(t).eps / 2 for t in (sd, torch.promote_types(sd, torch.float32), torch.float64))
-    # |screened - exact| <= (rounding of x, R, output + accumulation + float64's own) * ||x||
-    margin = torch.cat([ns[:c], top[1:]]) * 1.5 * (3 * u_in + (b + 2) * (u_acc + u64)) + 1e-30
-    bound = torch.cat([top * (1 + _NORM_SLACK), top.new_zeros(1)])  # >= |entry| in chunks i..
-    xsd = xs.to(sd)
-    # Screening outputs reuse two buffers: a fresh 12 MB tensor per step costs more in page
-    # faults than the GEMM itself.
-    screen = torch.empty(k * c, b, dtype=sd)
-    screen32 = torch.empty(k * c, b) if sd == torch.bfloat16 else screen
-    best_range, best_r, spread = math.inf, r, {}
-    n = 1 if prune else k  # screened prefix of chunks: it only grows, so GEMM shapes repeat
+    order = torch.sort(norms, dim=1, descending=True, stable=True).indices
+    k = -(-m // c)  # chunks; padding repeats the last row, changing no max or min
+    order = torch.cat([order, order[:, -1:].expand(g, k * c - m)], dim=1)
+    ns = norms.gather(1, order)
+    xs = rows[0].new_empty(g, k * c, b)
+    for x, o, out in zip(rows, order, xs, strict=True):
+        torch.index_select(x, 0, o, out=out)
+    top = ns[:, ::c]  # each chunk's largest norm
+    screen = _Screen(xs, top) if prune else None
+    groups = torch.arange(g)
+    best_range, best_r = torch.full((g,), math.inf, dtype=torch.float64), r
     for step in range(steps + 1):
-        rsd, done = r.to(sd), 0
-        smax, smin = top.new_empty(0), top.new_empty(0)
-        while True:
-            v = torch.mm(xsd[done * c : n * c], rsd, out=screen[done * c : n * c])
-            if v.dtype == torch.bfloat16:  # float32 reductions run 3x faster (and the cast is exact)
-                v = screen32[done * c : n * c].copy_(v)
-            h = c if done == 0 else 0  # rows reduced one by one (chunk 0)
-            smax = torch.cat([smax, v[:h].amax(1).double(), v[h:].view(-1, c * b).amax(1).double()])
-            smin = torch.cat([smin, v[:h].amin(1).double(), v[h:].view(-1, c * b).amin(1).double()])
-            done, seg = n, c + n - 1
-            hi_lb = float((smax - margin[:seg]).max())  # certified: true max >= hi_lb
-            lo_ub = float((smin + margin[:seg]).min())  # and true min <= lo_ub
-            need = min(hi_lb, -lo_ub)
-            if n == k or need > float(bound[n]):  # unscreened |entries| <= bound[n]
-                break
-            n = k if need <= 0 else min(k, max(n + 1, int((bound[:k] >= need).sum())))
-        hit = (smax + margin[:seg] >= hi_lb) | (smin - margin[:seg] <= lo_ub)
-        cand = torch.unique(seg_chunk[:seg][hit])
-        # Exact values, always from the same (c, B) @ (B, B) GEMM per chunk: a GEMM's rounding
-        # for a row depends on the matrix height (MKL's row-remainder kernel), so the pruned
-        # and exhaustive searches must not batch chunks differently.
-        vals = torch.cat([xs[i * c : (i + 1) * c] @ r for i in cand.tolist()])
-        hi, lo = float(vals.max()), float(vals.min())
-        if hi - lo < best_range:  # strict: the earliest (shortest) prefix wins ties
-            best_range, best_r = hi - lo, r
+        hit = screen.candidates(r) if screen else torch.ones(g, k, dtype=torch.bool)
+        # Exact values, always from the same (c, B) @ (B, B) product per chunk: a GEMM's rounding
+        # for a row depends on the matrix height (MKL's row-remainder kernel), so the pruned and
+        # exhaustive searches must not batch rows differently.
+        owner, chunk = hit.nonzero(as_tuple=True)  # sorted by group, then chunk
+        blocks, vals = xs.view(g, k, c, b)[owner, chunk], xs.new_empty(len(owner), c, b)
+        start = 0
+        for i, count in enumerate(torch.bincount(owner, minlength=g).tolist()):
+            torch.bmm(blocks[start : start + count], r[i].expand(count, b, b), out=vals[start : start + count])
+            start += count
+        vals = vals.view(len(owner), -1)
+        top_chunk, low_chunk = vals.amax(1), vals.amin(1)
+        hi = vals.new_full((g,), -math.inf).scatter_reduce(0, owner, top_chunk, "amax")
+        lo = vals.new_full((g,), math.inf).scatter_reduce(0, owner, low_chunk, "amin")
+        better = hi - lo < best_range  # strict: the earliest (shortest) prefix wins ties
+        best_range, best_r = torch.where(better, hi - lo, best_range), torch.where(better[:, None, None], r, best_r)
         if step == steps:
             break
-        first = int(torch.nonzero((vals.abs() == max(hi, -lo)).flatten())[0, 0])  # in sorted order
-        e = first % b
-        if e not in spread:  # S_e: the seed with rows and columns 0 and e swapped
-            swap = torch.arange(b)
-            swap[0], swap[e] = e, 0
-            spread[e] = seed[swap][:, swap]
-        r = r @ spread[e]
+        # the first entry (in sorted order) holding the largest |value|, in each group, searched
+        # only in the chunks whose max or min reaches it
+        target = torch.maximum(hi, -lo)[owner]
+        holds = ((top_chunk == target) | (-low_chunk == target)).nonzero()[:, 0]
+        at = vals[holds].abs() == target[holds, None]
+        position = chunk[holds] * (c * b) + at.int().argmax(1)
+        first = position.new_full((g,), k * c * b).scatter_reduce(0, owner[holds], position, "amin")
+        swap = torch.arange(b).repeat(g, 1)  # S_e: the seed with rows and columns 0 and e swapped
+        swap[groups, first % b], swap[:, 0] = 0, first % b
+        spread = seeds.gather(1, swap[:, :, None].expand(-1, -1, b)).gather(2, swap[:, None, :].expand(-1, b, -1))
+        r = torch.bmm(r, spread)
     return best_r
+
+
+class _Screen:
+    """The cheap first pass of greedy_rotations: which chunks can hold each group's max or min.
+
+    Each chunk's max and min are screened with a margin sized for its largest row norm. Rows are
+    sorted by norm and an orthogonal map keeps norms, so a group screens only a prefix of its
+    chunks: rows whose norm is below both |max| and |min| of the screened rows cannot matter. The
+    prefix only grows (so GEMM shapes repeat from step to step).
+    """
+
+    def __init__(self, xs: Tensor, top: Tensor) -> None:
+        c, (g, rows, b) = _CHUNK, xs.shape
+        self.chunks = rows // c
+        self.dtype = sd = _screen_dtype() if float(top[:, 0].max()) < 1e30 else torch.float64
+        u_in, u_acc, u64 = (torch.finfo(t).eps / 2 for t in (sd, torch.promote_types(sd, torch.float32), torch.float64))
+        # |screened - exact| <= (rounding of x, R, output + accumulation + float64's own) * ||x||
+        self.margin = top * 1.5 * (3 * u_in + (b + 2) * (u_acc + u64)) + 1e-30
+        self.bound = torch.cat([top * (1 + _NORM_SLACK), top.new_zeros(g, 1)], 1)  # >= |entry| in chunks i..
+        self.xs = xs.to(sd)
+        # One group and tile at a time, into buffers reused at every step: the outputs stay in cache
+        # (two workers streaming 12 MB screens each are memory-bound), and a fresh tensor per step
+        # costs more in page faults than the GEMM itself.
+        self.per_tile = -(-self.chunks // max(1, round(rows * b / _SCREEN_TILE)))  # chunks per GEMM
+        tile = self.per_tile * c
+        self.out = torch.empty(tile, b, dtype=sd)
+        self.out32 = torch.empty(tile, b) if sd == torch.bfloat16 else self.out
+        # per chunk, the screened max and min; never-screened chunks hold -inf / +inf
+        self.smax = torch.full(self.margin.shape, -math.inf, dtype=self.out32.dtype)
+        self.smin = torch.full(self.margin.shape, math.inf, dtype=self.out32.dtype)
+        self.screened = torch.ones(g, dtype=torch.long)  # chunks in each group's prefix
+
+    def candidates(self, r: Tensor) -> Tensor:
+        """(G, chunks) bool: chunks whose rows may hold the max or the min of rows @ r."""
+        k = self.chunks
+        rsd, start, todo = r.to(self.dtype), [0] * len(r), range(len(r))
+        while True:
+            ends = self.screened.tolist()
+            for i in todo:
+                self._screen(i, rsd[i], start[i], ends[i])
+            smax, smin, margin = self.smax.double(), self.smin.double(), self.margin
+            hi_lb = (smax - margin).amax(1)  # certified: true max >= hi_lb
+            lo_ub = (smin + margin).amin(1)  # and true min <= lo_ub
+            need = torch.minimum(hi_lb, -lo_ub)
+            # unscreened |entries| <= bound[screened]: grow the prefix where that may reach `need`
+            grow = (self.screened < k) & (need <= self.bound.gather(1, self.screened[:, None])[:, 0])
+            if not grow.any():
+                break
+            wider = torch.maximum(self.screened + 1, (self.bound[:, :k] >= need[:, None]).sum(1)).clamp(max=k)
+            self.screened = torch.where(grow, torch.where(need <= 0, k, wider), self.screened)
+            start, todo = ends, grow.nonzero()[:, 0].tolist()
+        return (smax + margin >= hi_lb[:, None]) | (smin - margin <= lo_ub[:, None])
+
+    def _screen(self, i: int, r: Tensor, start: int, end: int) -> None:
+        """Screen chunks [start, end) of group i into smax / smin, a cache-sized tile at a time."""
+        c, b = _CHUNK, r.shape[-1]
+        for lo in range(start, end, self.per_tile):
+            hi = min(end, lo + self.per_tile)
+            v = torch.mm(self.xs[i, lo * c : hi * c], r, out=self.out[: (hi - lo) * c])
+            if v.dtype == torch.bfloat16:  # float32 reductions run 3x faster (and the cast is exact)
+                v = self.out32[: (hi - lo) * c].copy_(v)
+            torch.amax(v.view(-1, c * b), 1, out=self.smax[i, lo:hi])
+            torch.amin(v.view(-1, c * b), 1, out=self.smin[i, lo:hi])
 
 
 def zigzag_permutation(channel_absmax: Tensor, block_size: int) -> Tensor:
@@ -249,62 +308,113 @@ def _block_rotate(x: Tensor, r: Tensor, b: int) -> Tensor:
     return (x.unflatten(-1, (x.shape[-1] // b, b)) @ r.to(x.dtype)).flatten(-2)
 
 
-def build_transform(
-    rows: Tensor,
-    act_absmax: Tensor,
-    weight: Tensor,
-    *,
-    alpha: float | None,
-    block_size: int,
-    steps: int,
-    permute: bool,
-    seed: int,
-    prune: bool = True,
-) -> Transform:
+@dataclass(frozen=True)
+class GroupSample:
+    """What build_transforms needs for one group: its calibration sample, channel maxima and weights.
+
+    rows: bounded calibration sample (N, D) of the raw activation; act_absmax: exact per-channel
+    max|x| over all calibration data; weight: the group's weights concatenated (out_total, D);
+    seed: seeds the group's own generator (its seed matrices).
+    """
+
+    rows: Tensor
+    act_absmax: Tensor
+    weight: Tensor
+    alpha: float | None
+    block_size: int
+    steps: int
+    permute: bool
+    seed: int
+
+
+def build_transform(rows: Tensor, act_absmax: Tensor, weight: Tensor, *, alpha: float | None, block_size: int,
+                    steps: int, permute: bool, seed: int, prune: bool = True) -> Transform:
     """Smoothing -> R1 on rows/s -> zigzag on max|.| after R1 -> R2 on the permuted sample.
 
-    rows: bounded calibration sample (N, D) of the raw activation; act_absmax: exact
-    per-channel max|x| over all calibration data; weight: the group's weights concatenated
-    (out_total, D). Same inputs and seed give a bit-identical Transform, pruned or not (prune=False
-    runs the exhaustive search, for benchmarks and tests).
+    Same inputs and seed give a bit-identical Transform, pruned or not (prune=False runs the
+    exhaustive search, for benchmarks and tests). See GroupSample for the inputs.
     """
-    if rows.ndim != 2:
-        raise ValueError(f"build_transform: rows must be (N, D), got {tuple(rows.shape)}")
-    d = rows.shape[1]
-    if act_absmax.shape != (d,) or weight.ndim != 2 or weight.shape[1] != d:
+    sample = GroupSample(rows, act_absmax, weight, alpha, block_size, steps, permute, seed)
+    return build_transforms([sample], prune=prune)[0]
+
+
+def build_transforms(samples: Sequence[GroupSample], *, prune: bool = True) -> list[Transform]:
+    """build_transform of every group; groups whose searches have the same shape run in lockstep
+    (greedy_rotations). The result of a group does not depend on the others given with it."""
+    starts = [_start(s) for s in samples]
+    found: list[Transform | None] = [s if isinstance(s, Transform) else None for s in starts]
+    same_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(starts):
+        if not isinstance(s, Transform):
+            same_shape.setdefault((s.x.shape, s.block, s.steps), []).append(i)
+    for (_, b, steps), members in same_shape.items():
+        batch = [starts[i] for i in members]
+        r1 = greedy_rotations([s.x.view(-1, b) for s in batch],
+                              torch.stack([seed_matrix(b, s.generator) for s in batch]), steps, prune=prune)
+        perms, xs = zip(*(_zigzag(_block_rotate(s.x, r, b), b, s.permute) for s, r in zip(batch, r1, strict=True)),
+                        strict=True)
+        r2 = greedy_rotations([x.view(-1, b) for x in xs],
+                              torch.stack([seed_matrix(b, s.generator) for s in batch]), steps, prune=prune)
+        for i, s, a, perm, c in zip(members, batch, r1, perms, r2, strict=True):
+            found[i] = _finish(s, a, perm, c)
+    return found
+
+
+@dataclass
+class _Search:
+    """A group's transform between smoothing and the rotations."""
+
+    dim: int
+    smooth: Tensor | None
+    block: int
+    steps: int
+    permute: bool
+    x: Tensor  # the sample / smooth, float64 (N, D)
+    generator: torch.Generator
+
+
+def _start(s: GroupSample) -> Transform | _Search:
+    """Validate and smooth; a finished Transform when there is nothing to search."""
+    if s.rows.ndim != 2:
+        raise ValueError(f"build_transform: rows must be (N, D), got {tuple(s.rows.shape)}")
+    d = s.rows.shape[1]
+    if s.act_absmax.shape != (d,) or s.weight.ndim != 2 or s.weight.shape[1] != d:
         raise ValueError(
-            f"build_transform: rows {tuple(rows.shape)}, act_absmax {tuple(act_absmax.shape)} and "
-            f"weight {tuple(weight.shape)} must agree on D = {d}"
+            f"build_transform: rows {tuple(s.rows.shape)}, act_absmax {tuple(s.act_absmax.shape)} and "
+            f"weight {tuple(s.weight.shape)} must agree on D = {d}"
         )
-    gen = torch.Generator().manual_seed(seed)
-    smooth = None if alpha is None else smoothing_scales(act_absmax, weight, alpha)
-    if steps <= 0:
+    gen = torch.Generator().manual_seed(s.seed)
+    smooth = None if s.alpha is None else smoothing_scales(s.act_absmax, s.weight, s.alpha)
+    if s.steps <= 0:
         return Transform(d, smooth, None, None, None, None, note="rotation off (steps = 0)")
-    b, note = block_size_for(d, block_size)
+    b, note = block_size_for(d, s.block_size)
     if b is None:
         return Transform(d, smooth, None, None, None, None, note=note)
-    notes = []
-    x = rows.detach().to(torch.float64)
+    x = s.rows.detach().to(torch.float64)
     if smooth is not None:
         x = x / smooth.to(torch.float64)  # the stored float32 scales, so T is what runs
-    r1 = greedy_rotation(x, b, steps, gen, prune=prune)
-    x = _block_rotate(x, r1, b)
-    perm = None
-    if permute and d // b > 1:  # one block: a permutation adds nothing R2 cannot do
-        perm = zigzag_permutation(x.abs().amax(dim=0), b)
-        if torch.equal(perm, torch.arange(d)):
-            perm = None
-        else:
-            x = x[..., perm]
-    r2 = greedy_rotation(x, b, steps, gen, prune=prune)
-    rots = []
+    return _Search(d, smooth, b, s.steps, s.permute, x.contiguous(), gen)
+
+
+def _zigzag(x: Tensor, b: int, permute: bool) -> tuple[Tensor | None, Tensor]:
+    """The zigzag permutation of x (None when off or identity) and x permuted."""
+    if not permute or x.shape[1] // b == 1:  # one block: a permutation adds nothing R2 cannot do
+        return None, x
+    perm = zigzag_permutation(x.abs().amax(dim=0), b)
+    if torch.equal(perm, torch.arange(x.shape[1])):
+        return None, x
+    return perm, x[..., perm].contiguous()
+
+
+def _finish(s: _Search, r1: Tensor, perm: Tensor | None, r2: Tensor) -> Transform:
+    notes, rots = [], []
     for name, r in (("R1", r1), ("R2", r2)):
-        if torch.equal(r, torch.eye(b, dtype=torch.float64)):
+        if torch.equal(r, torch.eye(s.block, dtype=torch.float64)):
             notes.append(f"{name} identity: no greedy step lowered the range")
             rots.append(None)
         else:
             rots.append(r.to(torch.float32))
-    return Transform(d, smooth, b, rots[0], perm, rots[1], note="; ".join(notes))
+    return Transform(s.dim, s.smooth, s.block, rots[0], perm, rots[1], note="; ".join(notes))
 
 
 def _chain(x: Tensor, t: Transform, divide: bool, what: str) -> Tensor:

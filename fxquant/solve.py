@@ -13,7 +13,7 @@ import torch
 
 from .calibrate import InputStats, RangeStats, progress
 from .config import QuantConfig
-from .duquant import Transform, apply_to_activation, build_transform, transform_gram
+from .duquant import GroupSample, Transform, apply_to_activation, build_transforms, transform_gram
 from .plan import Group, QuantPlan
 from .quant import QuantizedWeight, dequantize_weight, quantize_weights
 
@@ -22,46 +22,63 @@ def needs_gram(config: QuantConfig) -> bool:
     return config.w_quantized and (config.w_clip == "mse" or config.w_method == "gptq")
 
 
-def build_group_transform(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int,
-                          prune: bool = True) -> Transform:
-    """The group's DuQuant transform; each group (its index in the plan) draws its own seeded matrices."""
+def group_sample(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int) -> GroupSample:
+    """What the transform search reads for a group; each group (its index in the plan) draws its own
+    seeded matrices."""
     c = group.config
-    return build_transform(stats.rows, stats.absmax, torch.cat(weights), alpha=c.smooth_alpha,
-                           block_size=c.block_size, steps=c.rotation_steps, permute=c.permute,
-                           seed=c.seed * 1_000_003 + index, prune=prune)
+    return GroupSample(stats.rows, stats.absmax, torch.cat(weights), alpha=c.smooth_alpha, block_size=c.block_size,
+                       steps=c.rotation_steps, permute=c.permute, seed=c.seed * 1_000_003 + index)
 
 
-def solve_transform(group: Group, stats: InputStats, weights: list[torch.Tensor], index: int) -> Transform:
-    """build_group_transform, plus the before/after statistics the plan table and dump show."""
-    t = build_group_transform(group, stats, weights, index)
+def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
+                     weights: dict[str, torch.Tensor]) -> dict[str, Transform]:
+    """Every group's transform, plus the before/after statistics the plan table and dump show.
+
+    Groups of the same shape are searched in lockstep batches (one call per step for the batch),
+    the batches side by side on as many worker threads as torch has, each running its tensor ops
+    on one thread: a step is many small ops, so batches side by side use the cores better than
+    threads inside one op. Results do not depend on batching or scheduling (each group has its own
+    seeded generator, and every float64 product the search decides on runs on one thread).
+    """
+    samples = [group_sample(g, inputs[g.name], [weights[s] for s in g.sites], i) for i, g in enumerate(groups)]
+    threads = torch.get_num_threads()
+    batches = _lockstep_batches(samples, threads)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            done = list(progress(pool.map(lambda batch: build_transforms([samples[i] for i in batch]), batches),
+                                 "fxquant solve", unit="batch", total=len(batches)))
+    finally:
+        torch.set_num_threads(threads)
+    found = {groups[i].name: t for batch, ts in zip(batches, done, strict=True) for i, t in zip(batch, ts, strict=True)}
+    for g in groups:
+        _record_effect(g, inputs[g.name], found[g.name])
+    return found
+
+
+_LOCKSTEP_BYTES = 1 << 28  # float64 sample rows per lockstep batch (a batch holds ~3x this in all)
+
+
+def _lockstep_batches(samples: list[GroupSample], workers: int) -> list[list[int]]:
+    """Indices of samples, cut into batches of one shape: at least `workers` batches per shape
+    when there are enough groups, each under _LOCKSTEP_BYTES of float64 rows."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_shape.setdefault((tuple(s.rows.shape), s.block_size, s.steps), []).append(i)
+    batches = []
+    for members in by_shape.values():
+        size = max(1, min(-(-len(members) // workers), _LOCKSTEP_BYTES // (8 * samples[members[0]].rows.numel())))
+        batches += [members[i:i + size] for i in range(0, len(members), size)]
+    # longest first (a step costs about rows x block size per group), so the last ones even out the workers
+    return sorted(batches, key=lambda b: -samples[b[0]].rows.numel() * samples[b[0]].block_size * len(b))
+
+
+def _record_effect(group: Group, stats: InputStats, t: Transform) -> None:
     # before and after on the same sampled rows, so the two are comparable
     before, after = stats.rows.abs(), apply_to_activation(stats.rows, t).abs()
     group.stats.update(tokens=stats.tokens, sampled_rows=before.shape[0], absmax_all=stats.absmax.clone(),
                        absmax_before=before.amax(0), absmax_after=after.amax(0),
                        mean_abs_before=float(before.mean()), mean_abs_after=float(after.mean()))
-    return t
-
-
-def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
-                     weights: dict[str, torch.Tensor]) -> dict[str, Transform]:
-    """Every group's transform, searched on as many worker threads as torch has, each running its
-    tensor ops on one thread: the greedy search is many small steps, so groups side by side use
-    the cores better than threads inside one step (and stay fast when other processes load the
-    machine). Results do not depend on scheduling: each group has its own seeded generator."""
-    threads = torch.get_num_threads()
-
-    def one(index: int) -> Transform:
-        g = groups[index]
-        return solve_transform(g, inputs[g.name], [weights[s] for s in g.sites], index)
-
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            found = list(progress(pool.map(one, range(len(groups))), "fxquant solve", unit="group",
-                                  total=len(groups)))
-    finally:
-        torch.set_num_threads(threads)
-    return {g.name: t for g, t in zip(groups, found, strict=True)}
 
 
 def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: dict[str, Transform],

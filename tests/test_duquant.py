@@ -14,7 +14,9 @@ from fxquant.duquant import (
     apply_to_weight,
     as_matrix,
     block_size_for,
+    GroupSample,
     build_transform,
+    build_transforms,
     greedy_rotation,
     seed_matrix,
     smoothing_scales,
@@ -234,6 +236,27 @@ def test_build_transform_is_deterministic_and_seeded(one_thread):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     c = build_transform(rows, absmax, weight, seed=6, **kw)
     assert not torch.equal(a.rot1, c.rot1), "another seed must give another rotation"
+
+
+def test_lockstep_batch_gives_each_group_its_own_transform(one_thread):
+    """Groups searched side by side (same shape, other shapes, nothing to search, all-zero rows)
+    get exactly the transform each gets alone, in the order given."""
+    kw = dict(alpha=0.6, block_size=64, steps=24, permute=True)
+    samples = [GroupSample(*_group(seed=s), seed=s, **kw) for s in range(3)]
+    rows, absmax, weight = _group(d=128, seed=7, n=256)
+    samples.append(GroupSample(rows, absmax, weight, seed=7, **kw))  # another shape
+    samples.append(GroupSample(rows, absmax, weight, 0.6, 64, 0, True, seed=8))  # rotation off
+    rows, absmax, weight = _group(seed=9)
+    samples.append(GroupSample(torch.zeros_like(rows), absmax, weight, seed=9, **kw))  # nothing to spread
+    together = build_transforms(samples)
+    for s, t in zip(samples, together, strict=True):
+        alone = build_transform(s.rows, s.act_absmax, s.weight, alpha=s.alpha, block_size=s.block_size,
+                                steps=s.steps, permute=s.permute, seed=s.seed)
+        for name in ("smooth", "rot1", "perm", "rot2"):
+            a, b = getattr(alone, name), getattr(t, name)
+            assert (a is None and b is None) or torch.equal(a, b), f"seed {s.seed}: {name} differs in a batch"
+        assert alone.note == t.note
+    assert together[4].rot1 is None and together[5].rot1 is None and together[0].rot1 is not None
 
 
 def test_build_transform_rejects_mismatched_shapes():
