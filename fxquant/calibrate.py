@@ -17,6 +17,8 @@ from .capture import batch_to_call
 from .passes.common import copy_graph_module
 from .quant import percentile_from_histogram
 
+_GRAM_BLOCK = 128  # columns per block row of the Gram matrix
+
 try:
     from tqdm.auto import tqdm
 except ImportError:  # progress bars are optional
@@ -34,7 +36,13 @@ class InputStats:
     def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: bool) -> None:
         self.layers, self.dim, self.sample_rows = layers, dim, sample_rows
         self.absmax = torch.zeros(dim)
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64) if gram else None
+        # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
+        # flops, and each entry is the same float32 dot product as in the full product), the
+        # rest is mirrored when read
+        self._gram = torch.zeros(dim, dim, dtype=torch.float64) if gram else None
+        self._mirrored = False
+        edges = list(range(0, dim, _GRAM_BLOCK)) if dim > 2 * _GRAM_BLOCK else [0]
+        self._gram_rows = [slice(a, b) for a, b in zip(edges, [*edges[1:], dim], strict=True)]
         self.rows = torch.empty(0, dim)
         self.keys = torch.empty(0)
         self.tokens = 0
@@ -43,15 +51,31 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         x = _rows(x, self.layers, self.dim)
         self.tokens += x.shape[0]
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        if self.gram is not None:
-            self.gram += (x.T @ x).double()
+        self.absmax = torch.maximum(self.absmax, _finite_absmax(x.abs(), self.layers))
+        if self._gram is not None:
+            for rows in self._gram_rows:
+                self._gram[rows, rows.start:] += (x[:, rows].T @ x[:, rows.start:]).double()
+            self._mirrored = False
         keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
         rows = torch.cat([self.rows, x])
         if rows.shape[0] > self.sample_rows:
             keep = keys.topk(self.sample_rows).indices.sort().values
             keys, rows = keys[keep], rows[keep]
         self.keys, self.rows = keys, rows
+
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """X^T X (D, D) float64 over every calibration token; None when not collected (or freed)."""
+        if self._gram is not None and not self._mirrored:
+            for rows in self._gram_rows[1:]:
+                self._gram[rows, : rows.start] = self._gram[: rows.start, rows].T
+            self._mirrored = True
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._gram, self._mirrored = value, True
 
 
 class RangeStats:
@@ -72,7 +96,7 @@ class RangeStats:
         x = _rows(x, self.layers, self.dim).abs()
         if self.channels == 1:
             x = x.reshape(-1, 1)
-        self.absmax = torch.maximum(self.absmax, x.amax(0))
+        self.absmax = torch.maximum(self.absmax, _finite_absmax(x, self.layers))
         peak = float(self.absmax.max())
         if self.upper == 0.0:
             self.upper = 2.0 ** torch.tensor(max(peak, 1e-8)).log2().ceil().item()
@@ -80,8 +104,10 @@ class RangeStats:
             merged = self.counts.view(self.channels, self.bins // 2, 2).sum(-1)
             self.counts = torch.cat([merged, torch.zeros_like(merged)], dim=1)
             self.upper *= 2
-        index = (x / self.upper * self.bins).long().clamp_(max=self.bins - 1)
-        index += torch.arange(self.channels) * self.bins
+        # x * (bins / upper) is exact (both powers of two), and x is this call's own copy
+        index = x.mul_(self.bins / self.upper).to(torch.int32).clamp_(max=self.bins - 1)
+        if self.channels > 1:
+            index += torch.arange(self.channels, dtype=torch.int32) * self.bins
         self.counts += torch.bincount(index.flatten(), minlength=self.channels * self.bins).view_as(self.counts)
 
     def percentile(self, q: float) -> torch.Tensor:
@@ -91,11 +117,16 @@ class RangeStats:
 
 
 def _rows(x: torch.Tensor, layers: str, dim: int) -> torch.Tensor:
-    x = x.detach().reshape(-1, dim).float().cpu()  # statistics live on the CPU, in float32
-    if not torch.isfinite(x).all():
+    return x.detach().reshape(-1, dim).float().cpu()  # statistics live on the CPU, in float32
+
+
+def _finite_absmax(x_abs: torch.Tensor, layers: str) -> torch.Tensor:
+    """Per-channel max of |x| (tokens, channels); NaN and Inf propagate into it, so checking the max checks all."""
+    peak = x_abs.amax(0)
+    if not torch.isfinite(peak).all():
         raise ValueError(f"calibration activation read by {layers} holds NaN or Inf; check the calibration "
                          "data and the layers before it (fxquant cannot compute scales from non-finite values)")
-    return x
+    return peak
 
 
 class Observer(nn.Module):

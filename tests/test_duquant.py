@@ -9,12 +9,12 @@ import torch
 
 import fxquant.duquant as dq
 from fxquant.duquant import (
+    GroupSample,
     Transform,
     apply_to_activation,
     apply_to_weight,
     as_matrix,
     block_size_for,
-    GroupSample,
     build_transform,
     build_transforms,
     greedy_rotation,

@@ -150,3 +150,18 @@ def test_calibration_copy_stops_at_the_last_observer():
     torch.testing.assert_close(stats.absmax, x.abs().amax(0))
     torch.testing.assert_close(stats.gram, (x.T @ x).double())
     assert len(list(gm.graph.nodes)) > len(list(observed.graph.nodes))  # the original graph is untouched
+
+
+def test_gram_accumulates_in_block_rows_and_reads_symmetric():
+    from fxquant.calibrate import InputStats
+
+    stats = InputStats("0", 300, 16, 0, gram=True)  # 300 columns: block rows of 128, 128 and 44
+    batches = [torch.randn(2, 50, 300, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    for x in batches:
+        stats.update(x)
+    x = torch.cat([b.reshape(-1, 300) for b in batches]).double()
+    assert torch.equal(stats.gram, stats.gram.T)
+    torch.testing.assert_close(stats.gram, x.T @ x, rtol=1e-5, atol=1e-4)
+    stats.update(batches[0])  # reading in between does not disturb later sums
+    again = batches[0].reshape(-1, 300).double()
+    torch.testing.assert_close(stats.gram, x.T @ x + again.T @ again, rtol=1e-5, atol=1e-4)
