@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import solve
-from .calibrate import InputStats, RangeStats, observed_copy, run_loader
+from .calibrate import ActivationCache, InputStats, RangeStats, observed_copy, run_loader
 from .capture import batch_to_call, capture
 from .config import QuantConfig
 from .duquant import apply_to_weight
@@ -21,9 +21,9 @@ from .passes.cleanup import DropUnusedConstants
 from .passes.common import META, fetch_attr
 from .passes.normalize import Normalize
 from .passes.quantize import QuantizeActivations, QuantizeWeights
-from .passes.transform import InsertTransforms
+from .passes.transform import TRANSFORM_ROLES, InsertTransforms
 from .passes.verify import check_invariants
-from .plan import QuantPlan, make_plan
+from .plan import Group, QuantPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,10 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
     nodes, seconds = {n.name: n for n in gm.graph.nodes}, {}
 
     with _timed(seconds, "calibrate"):  # raw statistics of every group input, all calls of a weight together
+        cache = ActivationCache(config.calib_cache_gb * 2**30)  # inputs of static-scale groups, for "scales"
         inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
-                                     gram=any(solve.needs_gram(plan.sites[s].config) for s in g.sites))
+                                     gram=any(solve.needs_gram(plan.sites[s].config) for s in g.sites),
+                                     cache=cache if _static(g) else None)
                   for g in plan.groups.values()}
         watch = [(nodes[x], inputs[g.name]) for g in plan.groups.values() for x in g.inputs]
         run_loader(observed_copy(gm, watch), loader, desc="fxquant calibrate")
@@ -72,7 +74,9 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
         gm = _run([InsertTransforms(plan, transforms, weights)], gm)
 
     with _timed(seconds, "scales"):  # static scales are measured on the transformed activations
-        scales = _calibrate_scales(gm, plan, loader)
+        kept = {g: cache.inputs.get(inputs[g]) for g in plan.groups} if cache.complete else {}
+        del cache  # the kept inputs go once the scales are measured
+        scales = _calibrate_scales(gm, plan, loader, kept)
 
     with _timed(seconds, "weights"):
         quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
@@ -90,20 +94,49 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     seconds[stage] = time.perf_counter() - start
 
 
-def _calibrate_scales(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any]) -> dict[str, torch.Tensor]:
-    static = [g for g in plan.groups.values() if g.config.a_quantized and g.config.a_granularity != "token"]
+def _static(group: Group) -> bool:
+    return group.config.a_quantized and group.config.a_granularity != "token"
+
+
+def _calibrate_scales(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any],
+                      kept: dict[str, list[torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Static activation scales from the transformed group inputs: the graph's own transform ops
+    replayed on the inputs kept from the first pass when every static group has them, else a
+    second run of the loader through the transformed graph."""
+    static = [g for g in plan.groups.values() if _static(g)]
     if not static:
         return {}
     ranges = {g.name: RangeStats(", ".join(g.sites), g.dim, g.config.a_granularity == "channel") for g in static}
-    # observe each transformed group input once, however many linears read it
-    watch = {n.args[0]: ranges[n.meta[META]["group"]] for n in _transformed_linears(gm)
-             if n.meta[META]["group"] in ranges}
-    run_loader(observed_copy(gm, list(watch.items())), loader, desc="fxquant scales")
+    # each transformed group input once, however many linears read it
+    ends = {n.args[0]: n.meta[META]["group"] for n in _transformed_linears(gm) if n.meta[META]["group"] in ranges}
+    if all(kept.get(g.name) for g in static):
+        for group, end in {group: end for end, group in ends.items()}.items():  # one call site per group
+            chain = _transform_chain(gm, end)
+            while kept[group]:
+                ranges[group].update(chain(kept[group].pop(0)))  # freed as it goes
+    else:
+        run_loader(observed_copy(gm, [(end, ranges[group]) for end, group in ends.items()]), loader,
+                   desc="fxquant scales")
     scales = {}
     for g in static:
         scales[g.name] = solve.activation_scale(g.config, ranges[g.name])
         g.stats["act_scale"] = scales[g.name]
     return scales
+
+
+def _transform_chain(gm: fx.GraphModule, end: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The transform ops InsertTransforms put before ``end`` (inclusive), as a function of their input."""
+    chain = []
+    while end.op == "call_function" and end.meta.get(META, {}).get("role") in TRANSFORM_ROLES:
+        chain.append((end.target, fetch_attr(gm, end.args[1].target)))
+        end = end.args[0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for fn, constant in reversed(chain):
+                x = fn(x, constant.to(x.device))
+        return x
+    return run
 
 
 def _transformed_linears(gm: fx.GraphModule) -> list[fx.Node]:

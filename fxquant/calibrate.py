@@ -33,8 +33,9 @@ class InputStats:
     (reservoir by random keys), so memory stays fixed however long the loader is.
     """
 
-    def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: bool) -> None:
-        self.layers, self.dim, self.sample_rows = layers, dim, sample_rows
+    def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: bool,
+                 cache: ActivationCache | None = None) -> None:
+        self.layers, self.dim, self.sample_rows, self.cache = layers, dim, sample_rows, cache
         self.absmax = torch.zeros(dim)
         # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
         # flops, and each entry is the same float32 dot product as in the full product), the
@@ -49,6 +50,8 @@ class InputStats:
         self.generator = torch.Generator().manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.keep(self, x)
         x = _rows(x, self.layers, self.dim)
         self.tokens += x.shape[0]
         self.absmax = torch.maximum(self.absmax, _finite_absmax(x.abs(), self.layers))
@@ -76,6 +79,30 @@ class InputStats:
     @gram.setter
     def gram(self, value: torch.Tensor | None) -> None:
         self._gram, self._mirrored = value, True
+
+
+class ActivationCache:
+    """Raw group inputs kept from the first calibration pass (on the CPU, in their own dtype), up to
+    a byte budget, so static scales can be measured on them instead of running the model again.
+    Over budget, everything kept is dropped and ``complete`` is False: the second pass runs."""
+
+    def __init__(self, budget_bytes: float) -> None:
+        self.budget, self.used = budget_bytes, 0
+        self.inputs: dict[InputStats, list[torch.Tensor]] | None = {}
+
+    def keep(self, stats: InputStats, x: torch.Tensor) -> None:
+        if self.inputs is None:
+            return
+        self.used += x.numel() * x.element_size()
+        if self.used > self.budget:
+            self.inputs = None
+            return
+        # a copy: the graph may reuse or mutate its activation later
+        self.inputs.setdefault(stats, []).append(x.detach().to("cpu", copy=True))
+
+    @property
+    def complete(self) -> bool:
+        return self.inputs is not None
 
 
 class RangeStats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class QuantConfig:
     rotation_steps: int = 256  # 0: no rotation and no permutation
     permute: bool = True
     calib_tokens: int = 2048  # rows kept per group for the rotation search
+    calib_cache_gb: float = 4.0  # inputs of static-scale layers kept from the first calibration pass, up
+    # to this size, so the static scales need no second run of the model; 0: always run it again
     include: tuple[str, ...] = ()  # regexes on the layer name; empty: every linear
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -157,6 +160,9 @@ def _validate(c: QuantConfig, where: str) -> None:
             raise _bad(where, name, value, "use a non-negative integer")
     if c.calib_tokens < 1:
         raise _bad(where, "calib_tokens", c.calib_tokens, "keep at least one row, e.g. 2048")
+    budget = c.calib_cache_gb
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+        raise _bad(where, "calib_cache_gb", budget, "use a size in GB >= 0 (0 runs the model again for static scales)")
     for name in ("permute", "w_symmetric", "skip", "keep_float_weights"):
         if not isinstance(getattr(c, name), bool):
             raise _bad(where, name, getattr(c, name), "use True or False")

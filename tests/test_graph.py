@@ -1,5 +1,7 @@
 """Structure of the rewritten graph: constants, meta, weight sharing, idempotent passes."""
 
+import dataclasses
+
 import torch
 from models import FlowLoop, tensor_batches, tiny_llama, token_batches
 
@@ -165,3 +167,26 @@ def test_gram_accumulates_in_block_rows_and_reads_symmetric():
     stats.update(batches[0])  # reading in between does not disturb later sums
     again = batches[0].reshape(-1, 300).double()
     torch.testing.assert_close(stats.gram, x.T @ x + again.T @ again, rtol=1e-5, atol=1e-4)
+
+
+def test_static_scales_from_kept_inputs_match_a_second_pass(monkeypatch):
+    """Static scales come from the first pass's inputs, replayed through the graph's own transform
+    ops, unless they exceed calib_cache_gb: then the loader runs again; both agree."""
+    from fxquant import api
+
+    runs = []
+    run_loader = api.run_loader
+    monkeypatch.setattr(api, "run_loader", lambda gm, loader, desc: runs.append(desc) or run_loader(gm, loader, desc))
+    model, batches = tiny_llama(), token_batches(3)
+    kept = quantize_graph(model, batches, FAST)
+    assert runs == ["fxquant calibrate"]
+    runs.clear()
+    again = quantize_graph(model, batches, dataclasses.replace(FAST, calib_cache_gb=1e-6))  # ~1 KB: over budget
+    assert runs == ["fxquant calibrate", "fxquant scales"]
+    groups = kept.meta[META]["plan"].groups
+    assert groups and all("act_scale" in g.stats for g in groups.values())
+    for name, g in groups.items():
+        other = again.meta[META]["plan"].groups[name].stats["act_scale"]
+        torch.testing.assert_close(g.stats["act_scale"], other, rtol=2e-3, atol=0)
+    x = batches[0]
+    torch.testing.assert_close(kept(**x).logits, again(**x).logits, rtol=1e-2, atol=1e-2)

@@ -70,11 +70,14 @@ def _register_transform(gm: fx.GraphModule, group: Group, t: Transform) -> dict[
             for name, (value, dtype) in values.items() if value is not None}
 
 
+_CHAIN = (("inv_smooth", torch.mul, "smooth"), ("rot1", ops.block_rotate, "rotate"),
+          ("perm", ops.permute_channels, "permute"), ("rot2", ops.block_rotate, "rotate2"))
+TRANSFORM_ROLES = tuple(role for _, _, role in _CHAIN)  # what the nodes of a transform chain are tagged
+
+
 def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: Group, constants: dict[str, str]) -> fx.Node:
-    steps = [("inv_smooth", torch.mul, "smooth"), ("rot1", ops.block_rotate, "rotate"),
-             ("perm", ops.permute_channels, "permute"), ("rot2", ops.block_rotate, "rotate2")]
     current = x
-    for constant, fn, role in steps:
+    for constant, fn, role in _CHAIN:
         if constant not in constants:
             continue
         value = get_constant(gm, constants[constant])  # constants sit at the top of the graph
