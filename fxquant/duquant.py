@@ -251,7 +251,10 @@ class _Screen:
         # per chunk, the screened max and min; never-screened chunks hold -inf / +inf
         self.smax = torch.full(self.margin.shape, -math.inf, dtype=self.out32.dtype)
         self.smin = torch.full(self.margin.shape, math.inf, dtype=self.out32.dtype)
-        self.screened = torch.ones(g, dtype=torch.long)  # chunks in each group's prefix
+        # the prefix grows by whole steps of 1/16 of the chunks: each new GEMM shape costs oneDNN a
+        # kernel build (about one GEMM's time), so shapes must repeat
+        self.grain = -(-self.chunks // 16)
+        self.screened = torch.full((g,), self.grain, dtype=torch.long)  # chunks in each group's prefix
 
     def candidates(self, r: Tensor) -> Tensor:
         """(G, chunks) bool: chunks whose rows may hold the max or the min of rows @ r."""
@@ -269,7 +272,8 @@ class _Screen:
             grow = (self.screened < k) & (need <= self.bound.gather(1, self.screened[:, None])[:, 0])
             if not grow.any():
                 break
-            wider = torch.maximum(self.screened + 1, (self.bound[:, :k] >= need[:, None]).sum(1)).clamp(max=k)
+            wider = torch.maximum(self.screened + 1, (self.bound[:, :k] >= need[:, None]).sum(1))
+            wider = (-(-wider // self.grain) * self.grain).clamp(max=k)
             self.screened = torch.where(grow, torch.where(need <= 0, k, wider), self.screened)
             start, todo = ends, grow.nonzero()[:, 0].tolist()
         return (smax + margin >= hi_lb[:, None]) | (smin - margin <= lo_ub[:, None])
