@@ -21,6 +21,7 @@ FAST = QuantConfig(rotation_steps=8, block_size=16)
     ("smooth_alpha", 2.0, "[0, 1]"),
     ("w_method", "awq", "'rtn', 'gptq'"),
     ("rotation_steps", -1, "non-negative"),
+    ("calib_cache_gb", -1.0, ">= 0"),
 ])
 def test_invalid_field_names_field_and_fix(field, value, words):
     with pytest.raises(ValueError) as err:
