@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -21,9 +21,9 @@ from .passes.cleanup import DropUnusedConstants
 from .passes.common import META, fetch_attr
 from .passes.normalize import Normalize
 from .passes.quantize import QuantizeActivations, QuantizeWeights
-from .passes.transform import TRANSFORM_ROLES, InsertTransforms
+from .passes.transform import InsertTransforms, transform_chain
 from .passes.verify import check_invariants
-from .plan import Group, QuantPlan, make_plan
+from .plan import QuantPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
         cache = ActivationCache(config.calib_cache_gb * 2**30)  # inputs of static-scale groups, for "scales"
         inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
                                      gram=any(solve.needs_gram(plan.sites[s].config) for s in g.sites),
-                                     cache=cache if _static(g) else None)
+                                     cache=cache if g.config.a_static else None)
                   for g in plan.groups.values()}
         watch = [(nodes[x], inputs[g.name]) for g in plan.groups.values() for x in g.inputs]
         run_loader(observed_copy(gm, watch), loader, desc="fxquant calibrate")
@@ -94,16 +94,12 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     seconds[stage] = time.perf_counter() - start
 
 
-def _static(group: Group) -> bool:
-    return group.config.a_quantized and group.config.a_granularity != "token"
-
-
 def _calibrate_scales(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any],
                       kept: dict[str, list[torch.Tensor] | None]) -> dict[str, torch.Tensor]:
     """Static activation scales from the transformed group inputs: the graph's own transform ops
     replayed on the inputs kept from the first pass when every static group has them, else a
     second run of the loader through the transformed graph."""
-    static = [g for g in plan.groups.values() if _static(g)]
+    static = [g for g in plan.groups.values() if g.config.a_static]
     if not static:
         return {}
     ranges = {g.name: RangeStats(", ".join(g.sites), g.dim, g.config.a_granularity == "channel") for g in static}
@@ -111,10 +107,11 @@ def _calibrate_scales(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any]
     ends = {n.args[0]: n.meta[META]["group"] for n in _transformed_linears(gm) if n.meta[META]["group"] in ranges}
     if all(kept.get(g.name) for g in static):
         for group, end in {group: end for end, group in ends.items()}.items():  # one call site per group
-            chain = _transform_chain(gm, end)
+            chain = transform_chain(gm, end)
             while kept[group]:
                 ranges[group].update(chain(kept[group].pop(0)))  # freed as it goes
     else:
+        kept.clear()  # incomplete: not worth the memory while the loader runs again
         run_loader(observed_copy(gm, [(end, ranges[group]) for end, group in ends.items()]), loader,
                    desc="fxquant scales")
     scales = {}
@@ -122,21 +119,6 @@ def _calibrate_scales(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any]
         scales[g.name] = solve.activation_scale(g.config, ranges[g.name])
         g.stats["act_scale"] = scales[g.name]
     return scales
-
-
-def _transform_chain(gm: fx.GraphModule, end: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The transform ops InsertTransforms put before ``end`` (inclusive), as a function of their input."""
-    chain = []
-    while end.op == "call_function" and end.meta.get(META, {}).get("role") in TRANSFORM_ROLES:
-        chain.append((end.target, fetch_attr(gm, end.args[1].target)))
-        end = end.args[0]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            for fn, constant in reversed(chain):
-                x = fn(x, constant.to(x.device))
-        return x
-    return run
 
 
 def _transformed_linears(gm: fx.GraphModule) -> list[fx.Node]:

@@ -98,6 +98,11 @@ class QuantConfig:
         return self.a_bits not in (None, 16)
 
     @property
+    def a_static(self) -> bool:
+        """Whether activations use scales measured in calibration (quantized, not per token)."""
+        return self.a_quantized and self.a_granularity != "token"
+
+    @property
     def a_zero_point(self) -> bool:
         """Whether activations are quantized asymmetrically (a_symmetric resolved)."""
         return self.a_granularity == "token" if self.a_symmetric is None else not self.a_symmetric

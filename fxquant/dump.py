@@ -138,7 +138,7 @@ def table_rows(plan: QuantPlan, sqnr: Sqnr | None = None) -> tuple[list[str], li
             rows.append(row + ["-"] * (len(header) - len(row) - 1) + [s.skip or "not in a group"])
             continue
         st, scale = g.stats, g.stats.get("act_scale")
-        if not c.a_quantized or c.a_granularity == "token":
+        if not c.a_static:
             scale = "dynamic" if c.a_quantized else "-"
         elif scale is not None and scale.numel() > 1:  # per channel: the range of the scales
             scale = f"{float(scale.min()):.3g}..{float(scale.max()):.3g}"

@@ -165,12 +165,12 @@ def greedy_rotations(rows: Sequence[Tensor], seeds: Tensor, steps: int, *, prune
     Returns (G, B, B) float64. Each step spreads the channel of the largest |entry| with S_e (the
     group's seed with rows and cols 0, e swapped); the prefix of steps with the smallest global
     range (max - min) wins. Rows are sorted by norm (stable) and cut in chunks of _CHUNK; ties of
-    |entry| go to the first in that order. Each step screens every row with one cheap batched GEMM,
-    then recomputes in float64 only the chunks that can hold the max or min (the screen's error is
-    bounded by a margin from the row norms), so every decision is exact. prune=False recomputes
+    |entry| go to the first in that order. Each step screens each group's rows with a cheap GEMM
+    (_Screen), then recomputes in float64 only the chunks that can hold the max or min (the screen's
+    error is bounded by a margin from the row norms), so every decision is exact. prune=False recomputes
     every chunk in float64 at every step and gives the same matrices. Running the groups side by
-    side makes one call per step for all of them: per group, a step is too small to keep the
-    cores busy, and Python's per-op cost would otherwise dominate.
+    side makes the float64 recomputation, the argmax and the rotation update one call per step for
+    all of them: per group those are small ops whose per-call cost would otherwise dominate.
     """
     (g, (m, b)), c = (len(rows), rows[0].shape), _CHUNK
     norms = torch.stack([torch.linalg.vector_norm(x, dim=1) for x in rows])

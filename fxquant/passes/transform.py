@@ -16,6 +16,8 @@ same transformed constant, so a loop that calls a layer ten times stores its wei
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -23,7 +25,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import ops
 from ..duquant import Transform
 from ..plan import Group, QuantPlan
-from .common import META, finish, get_constant, is_linear, set_constant, site_key, tag
+from .common import META, fetch_attr, finish, get_constant, is_linear, set_constant, site_key, tag
 
 
 class InsertTransforms(PassBase):
@@ -72,7 +74,7 @@ def _register_transform(gm: fx.GraphModule, group: Group, t: Transform) -> dict[
 
 _CHAIN = (("inv_smooth", torch.mul, "smooth"), ("rot1", ops.block_rotate, "rotate"),
           ("perm", ops.permute_channels, "permute"), ("rot2", ops.block_rotate, "rotate2"))
-TRANSFORM_ROLES = tuple(role for _, _, role in _CHAIN)  # what the nodes of a transform chain are tagged
+_ROLES = tuple(role for _, _, role in _CHAIN)  # what the nodes of a transform chain are tagged
 
 
 def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: Group, constants: dict[str, str]) -> fx.Node:
@@ -85,3 +87,19 @@ def _insert_chain(gm: fx.GraphModule, x: fx.Node, group: Group, constants: dict[
             current = gm.graph.create_node("call_function", fn, (current, value), name=f"{x.name}_{role}")
         tag(current, group=group.name, role=role, constant=constants[constant], stats=group.stats)
     return current
+
+
+def transform_chain(gm: fx.GraphModule, end: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The transform ops _insert_chain put up to ``end`` (inclusive), as a function of their input:
+    the same ops on the same constants, to replay the graph's transform on kept activations."""
+    chain = []
+    while end.op == "call_function" and end.meta.get(META, {}).get("role") in _ROLES:
+        chain.append((end.target, fetch_attr(gm, end.args[1].target)))
+        end = end.args[0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for fn, constant in reversed(chain):
+                x = fn(x, constant.to(x.device))
+        return x
+    return run
