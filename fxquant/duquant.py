@@ -12,7 +12,6 @@ See docs/duquant.md; the [fxquant] deviations are noted where they are implement
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,8 +21,9 @@ from torch import Tensor
 _MIN_BLOCK = 16  # below this a block rotation spreads outliers too little to be worth it
 _MAX_DENSE = 1024  # largest dim for which a dense D x D fallback rotation is acceptable
 _CHUNK = 16  # rows per screening reduction and per exact float64 GEMM in the greedy search
-_BF16_FAST: bool | None = None  # measured once by _screen_dtype
-_SCREEN_TILE = 1 << 20  # about this many screened entries per GEMM: 4 MB of float32 output stays in cache
+_SCREEN_TILE = 1 << 20  # about this many screened entries per GEMM: 4 MB of int32 output stays in cache
+_QMAX = 127  # int8 screening; B * 127^2 stays far inside int32 for any block size here
+_U64 = 2.0**-53
 _NORM_SLACK = 1e-6  # relative margin: a computed |x @ R| may exceed ||x|| by rounding (~1e-13)
 
 
@@ -118,33 +118,6 @@ def seed_matrix(block_size: int, generator: torch.Generator) -> Tensor:
     return s
 
 
-def _screen_dtype() -> torch.dtype:
-    """Cheapest dtype whose GEMM error is bounded, for the first pass of the pruned search.
-
-    bfloat16 (float32 accumulation) where it is fast (AVX512-BF16, AMX: timed once), float32
-    where float32 GEMMs are plain IEEE (checked each call), else float64. Only speed depends
-    on the choice: the margins make every decision exact.
-    """
-    global _BF16_FAST
-    if _BF16_FAST is None:
-        a = torch.rand(4096, 128, generator=torch.Generator().manual_seed(0))  # not the global RNG
-        best = {torch.bfloat16: math.inf, torch.float32: math.inf}
-        for dt in best:
-            ad = a.to(dt)
-            for _ in range(3):  # min over calls: the first one may build the kernel
-                t0 = time.perf_counter()
-                ad @ ad[:128]
-                best[dt] = min(best[dt], time.perf_counter() - t0)
-        _BF16_FAST = best[torch.bfloat16] < 0.6 * best[torch.float32]
-    if _BF16_FAST:
-        return torch.bfloat16
-    try:
-        ieee = torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")
-    except (AttributeError, RuntimeError):
-        ieee = False
-    return torch.float32 if ieee else torch.float64
-
-
 def greedy_rotation(
     rows: Tensor, block_size: int, steps: int, generator: torch.Generator, *, prune: bool = True
 ) -> Tensor:
@@ -226,45 +199,67 @@ def greedy_rotations(rows: Sequence[Tensor], seeds: Tensor, steps: int, *, prune
 class _Screen:
     """The cheap first pass of greedy_rotations: which chunks can hold each group's max or min.
 
-    Each chunk's max and min are screened with a margin sized for its largest row norm. Rows are
-    sorted by norm and an orthogonal map keeps norms, so a group screens only a prefix of its
-    chunks: rows whose norm is below both |max| and |min| of the screened rows cannot matter. The
-    prefix only grows (so GEMM shapes repeat from step to step).
+    Screens with an exact int8 GEMM: each chunk of rows is scaled to int8 by its largest |entry|,
+    the rotation by its own; the quantization errors are measured (float64 norms), so the gap between
+    a screened and an exact value has a proven bound, the margin. Rows are sorted by norm and an
+    orthogonal map keeps norms, so a group screens only a prefix of its chunks: rows whose norm is
+    below both |max| and |min| of the screened rows cannot matter. The prefix only grows (so GEMM
+    shapes repeat from step to step).
     """
 
     def __init__(self, xs: Tensor, top: Tensor) -> None:
         c, (g, rows, b) = _CHUNK, xs.shape
-        self.chunks = rows // c
-        self.dtype = sd = _screen_dtype() if float(top[:, 0].max()) < 1e30 else torch.float64
-        u_in, u_acc, u64 = (torch.finfo(t).eps / 2 for t in (sd, torch.promote_types(sd, torch.float32), torch.float64))
-        # |screened - exact| <= (rounding of x, R, output + accumulation + float64's own) * ||x||
-        self.margin = top * 1.5 * (3 * u_in + (b + 2) * (u_acc + u64)) + 1e-30
+        self.chunks = k = rows // c
+        chunked = xs.view(g, k, c * b)
+        largest = torch.maximum(chunked.amax(2), chunked.amin(2).neg_())
+        self.scale = torch.where(largest > 0, largest / _QMAX, 1.0)  # (G, chunks) float64
+        # the largest entry maps to 127; the clamp only matters where the scale rounds (subnormals),
+        # and the measured error below is of the clamped codes
+        q = torch.div(chunked, self.scale[..., None]).round_().clamp_(-_QMAX, _QMAX)
+        self.xq = q.to(torch.int8).view(g, rows, b)
+        # per chunk, the largest ||x_q * scale - x|| of its rows (float64: exact up to rounding slack)
+        error = torch.linalg.vector_norm(q.mul_(self.scale[..., None]).sub_(chunked).view(g, k, c, b), dim=3).amax(2)
+        self.x_error = error * (1 + _NORM_SLACK) + top * _NORM_SLACK
+        self.top = top
         self.bound = torch.cat([top * (1 + _NORM_SLACK), top.new_zeros(g, 1)], 1)  # >= |entry| in chunks i..
-        self.xs = xs.to(sd)
-        # One group and tile at a time, into buffers reused at every step: the outputs stay in cache
-        # (two workers streaming 12 MB screens each are memory-bound), and a fresh tensor per step
+        # One group and tile at a time, into a buffer reused at every step: a fresh tensor per step
         # costs more in page faults than the GEMM itself.
-        self.per_tile = -(-self.chunks // max(1, round(rows * b / _SCREEN_TILE)))  # chunks per GEMM
-        tile = self.per_tile * c
-        self.out = torch.empty(tile, b, dtype=sd)
-        self.out32 = torch.empty(tile, b) if sd == torch.bfloat16 else self.out
-        # per chunk, the screened max and min; never-screened chunks hold -inf / +inf
-        self.smax = torch.full(self.margin.shape, -math.inf, dtype=self.out32.dtype)
-        self.smin = torch.full(self.margin.shape, math.inf, dtype=self.out32.dtype)
+        self.per_tile = -(-k // max(1, round(rows * b / _SCREEN_TILE)))  # chunks per GEMM
+        self.out = torch.empty(self.per_tile * c, b, dtype=torch.int32)
+        # per chunk, the screened max and min of x_q @ r_q (exact integers)
+        self.imax = torch.zeros(g, k, dtype=torch.int32)
+        self.imin = torch.zeros(g, k, dtype=torch.int32)
         # the prefix grows by whole steps of 1/16 of the chunks: each new GEMM shape costs oneDNN a
         # kernel build (about one GEMM's time), so shapes must repeat
-        self.grain = -(-self.chunks // 16)
+        self.grain = -(-k // 16)
         self.screened = torch.full((g,), self.grain, dtype=torch.long)  # chunks in each group's prefix
+
+    def quantize(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """r as int8 codes (G, B, B); the float64 scale (G, chunks) of x_q @ r_q; and the margin (G, chunks):
+        |screened - exact| per entry is below it (exact: the float64 product the search decides on)."""
+        r_scale = r.abs().amax((1, 2)) / _QMAX
+        r_q = torch.div(r, r_scale[:, None, None]).round_().clamp_(-_QMAX, _QMAX)
+        # per entry, |x~ r~_j - x r_j| <= ||x~ - x|| ||r~_j|| + ||x|| ||r~_j - r_j||, ||r_j|| = 1; then
+        # float64's rounding of the exact product (B + 2 units), and slack for the scaling's own rounding
+        r_error = torch.linalg.vector_norm(r_q * r_scale[:, None, None] - r, dim=1).amax(1)[:, None]
+        r_error = r_error * (1 + _NORM_SLACK) + 1e-12
+        # float64's rounding is relative only above the subnormals: 1e-290 covers its absolute part
+        margin = (self.x_error * (1 + r_error) + self.top * (r_error + (r.shape[-1] + 2) * _U64)) * (1 + _NORM_SLACK)
+        margin += 1e-290
+        return r_q.to(torch.int8), self.scale * r_scale[:, None], margin
 
     def candidates(self, r: Tensor) -> Tensor:
         """(G, chunks) bool: chunks whose rows may hold the max or the min of rows @ r."""
         k = self.chunks
-        rsd, start, todo = r.to(self.dtype), [0] * len(r), range(len(r))
+        r_q, scale, margin = self.quantize(r)
+        start, todo = [0] * len(r), range(len(r))
         while True:
             ends = self.screened.tolist()
             for i in todo:
-                self._screen(i, rsd[i], start[i], ends[i])
-            smax, smin, margin = self.smax.double(), self.smin.double(), self.margin
+                self._screen(i, r_q[i], start[i], ends[i])
+            seen = torch.arange(k) < self.screened[:, None]
+            smax = torch.where(seen, self.imax * scale, -math.inf)
+            smin = torch.where(seen, self.imin * scale, math.inf)
             hi_lb = (smax - margin).amax(1)  # certified: true max >= hi_lb
             lo_ub = (smin + margin).amin(1)  # and true min <= lo_ub
             need = torch.minimum(hi_lb, -lo_ub)
@@ -278,16 +273,14 @@ class _Screen:
             start, todo = ends, grow.nonzero()[:, 0].tolist()
         return (smax + margin >= hi_lb[:, None]) | (smin - margin <= lo_ub[:, None])
 
-    def _screen(self, i: int, r: Tensor, start: int, end: int) -> None:
-        """Screen chunks [start, end) of group i into smax / smin, a cache-sized tile at a time."""
-        c, b = _CHUNK, r.shape[-1]
+    def _screen(self, i: int, r_q: Tensor, start: int, end: int) -> None:
+        """Screen chunks [start, end) of group i into imax / imin, a cache-sized tile at a time."""
+        c, b = _CHUNK, r_q.shape[-1]
         for lo in range(start, end, self.per_tile):
             hi = min(end, lo + self.per_tile)
-            v = torch.mm(self.xs[i, lo * c : hi * c], r, out=self.out[: (hi - lo) * c])
-            if v.dtype == torch.bfloat16:  # float32 reductions run 3x faster (and the cast is exact)
-                v = self.out32[: (hi - lo) * c].copy_(v)
-            torch.amax(v.view(-1, c * b), 1, out=self.smax[i, lo:hi])
-            torch.amin(v.view(-1, c * b), 1, out=self.smin[i, lo:hi])
+            v = torch._int_mm(self.xq[i, lo * c : hi * c], r_q, out=self.out[: (hi - lo) * c])
+            torch.amax(v.view(-1, c * b), 1, out=self.imax[i, lo:hi])
+            torch.amin(v.view(-1, c * b), 1, out=self.imin[i, lo:hi])
 
 
 def zigzag_permutation(channel_absmax: Tensor, block_size: int) -> Tensor:

@@ -124,16 +124,40 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["gauss", "outliers", "positive", "heavy", "ties", "duplicates"])
-def test_pruned_greedy_equals_exhaustive(kind, screen, monkeypatch, one_thread):
-    monkeypatch.setattr(dq, "_screen_dtype", lambda: screen)  # every screening dtype must be exact
+def test_pruned_greedy_equals_exhaustive(kind, one_thread):
     for seed, b in ((0, 32), (1, 64)):
         x = _inputs(kind, seed)
         fast = greedy_rotation(x, b, 48, _gen(seed), prune=True)
         slow = greedy_rotation(x, b, 48, _gen(seed), prune=False)
         assert torch.equal(fast, slow), f"{kind}, seed {seed}, B {b}: pruned search diverged"
         assert not torch.equal(fast, torch.eye(b, dtype=torch.float64)) or kind == "positive"
+
+
+@pytest.mark.parametrize("magnitude", [1e-310, 1e-30, 1e30, 1e150])
+def test_pruned_greedy_equals_exhaustive_at_extreme_magnitudes(magnitude, one_thread):
+    # subnormal float64 (the int8 codes' scale rounds; products lose relative precision) up to near overflow
+    x = _inputs("outliers", 4).double() * magnitude
+    fast = greedy_rotation(x, 32, 24, _gen(4), prune=True)
+    assert torch.equal(fast, greedy_rotation(x, 32, 24, _gen(4), prune=False)), f"diverged at {magnitude:g}"
+
+
+@pytest.mark.parametrize("kind", ["gauss", "outliers", "heavy", "ties"])
+def test_int8_screen_error_is_within_its_margin(kind):
+    # the margin is what makes the pruned search exact: check it against the float64 chunk extremes
+    b, c = 32, dq._CHUNK
+    xs = _inputs(kind, 5).double().reshape(-1, b)
+    top = torch.linalg.vector_norm(xs, dim=1).view(-1, c).amax(1)
+    screen = dq._Screen(xs[None], top[None])
+    k = screen.chunks
+    r = seed_matrix(b, _gen(6)) @ seed_matrix(b, _gen(7))
+    for rot in (torch.eye(b, dtype=torch.float64), r):
+        codes, scale, margin = screen.quantize(rot[None])
+        screen._screen(0, codes[0], 0, k)
+        exact = (xs.view(k, c, b) @ rot).flatten(1)
+        assert (screen.imax[0] * scale[0] - exact.amax(1)).abs().le(margin[0]).all(), kind
+        assert (screen.imin[0] * scale[0] - exact.amin(1)).abs().le(margin[0]).all(), kind
+        assert margin[0].le(0.05 * top).all(), "margins so wide that the screen prunes nothing"
 
 
 def test_pruned_greedy_equals_exhaustive_multithreaded():
