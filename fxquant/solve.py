@@ -48,11 +48,11 @@ def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
         with ThreadPoolExecutor(max_workers=threads) as pool:
             done = list(progress(pool.map(lambda batch: build_transforms([samples[i] for i in batch]), batches),
                                  "fxquant solve", unit="batch", total=len(batches)))
+            found = {groups[i].name: t for batch, ts in zip(batches, done, strict=True)
+                     for i, t in zip(batch, ts, strict=True)}
+            list(pool.map(lambda g: _record_effect(g, inputs[g.name], found[g.name]), groups))
     finally:
         torch.set_num_threads(threads)
-    found = {groups[i].name: t for batch, ts in zip(batches, done, strict=True) for i, t in zip(batch, ts, strict=True)}
-    for g in groups:
-        _record_effect(g, inputs[g.name], found[g.name])
     return found
 
 
