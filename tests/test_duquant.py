@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import fxquant.duquant as dq
+import fxquant.greedy as greedy
 from fxquant.duquant import (
     GroupSample,
     Transform,
@@ -17,12 +17,11 @@ from fxquant.duquant import (
     block_size_for,
     build_transform,
     build_transforms,
-    greedy_rotation,
-    seed_matrix,
     smoothing_scales,
     transform_gram,
     zigzag_permutation,
 )
+from fxquant.greedy import greedy_rotation, seed_matrix
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -145,10 +144,10 @@ def test_pruned_greedy_equals_exhaustive_at_extreme_magnitudes(magnitude, one_th
 @pytest.mark.parametrize("kind", ["gauss", "outliers", "heavy", "ties"])
 def test_int8_screen_error_is_within_its_margin(kind):
     # the margin is what makes the pruned search exact: check it against the float64 chunk extremes
-    b, c = 32, dq._CHUNK
+    b, c = 32, greedy._CHUNK
     xs = _inputs(kind, 5).double().reshape(-1, b)
     top = torch.linalg.vector_norm(xs, dim=1).view(-1, c).amax(1)
-    screen = dq._Screen(xs[None], top[None])
+    screen = greedy._Screen(xs[None], top[None])
     k = screen.chunks
     r = seed_matrix(b, _gen(6)) @ seed_matrix(b, _gen(7))
     for rot in (torch.eye(b, dtype=torch.float64), r):
