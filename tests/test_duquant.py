@@ -160,7 +160,7 @@ def test_int8_screen_error_is_within_its_margin(kind):
 
 
 def test_pruned_greedy_equals_exhaustive_multithreaded():
-    x = _inputs("heavy", 2)  # default threads and screening dtype, as the solver runs it
+    x = _inputs("heavy", 2)  # default threads, as the solver runs it
     fast = greedy_rotation(x, 64, 24, _gen(2), prune=True)
     assert torch.equal(fast, greedy_rotation(x, 64, 24, _gen(2), prune=False))
 
