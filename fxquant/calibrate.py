@@ -52,7 +52,7 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         if self.cache is not None:
             self.cache.keep(self, x)
-        x = _rows(x, self.layers, self.dim)
+        x = _rows(x, self.dim)
         self.tokens += x.shape[0]
         self.absmax = torch.maximum(self.absmax, _finite_absmax(x.abs(), self.layers))
         if self._gram is not None:
@@ -65,7 +65,6 @@ class InputStats:
             keep = keys.topk(self.sample_rows).indices.sort().values
             keys, rows = keys[keep], rows[keep]
         self.keys, self.rows = keys, rows
-
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -120,7 +119,7 @@ class RangeStats:
         self.upper = 0.0
 
     def update(self, x: torch.Tensor) -> None:
-        x = _rows(x, self.layers, self.dim).abs()
+        x = _rows(x, self.dim).abs()
         if self.channels == 1:
             x = x.reshape(-1, 1)
         self.absmax = torch.maximum(self.absmax, _finite_absmax(x, self.layers))
@@ -143,7 +142,7 @@ class RangeStats:
         return torch.minimum(torch.tensor(values, dtype=torch.float32), self.absmax)
 
 
-def _rows(x: torch.Tensor, layers: str, dim: int) -> torch.Tensor:
+def _rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.detach().reshape(-1, dim).float().cpu()  # statistics live on the CPU, in float32
 
 

@@ -71,13 +71,13 @@ def _params(wg: Tensor, ratio: Tensor, bits: int, symmetric: bool) -> tuple[Tens
     return scale, torch.round(-lo / scale)
 
 
-def _fake_quant(wg: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
-    """(codes as float, dequantized) for wg (..., gs) with scale/zero (...,)."""
+def _codes(wg: Tensor, scale: Tensor, zero: Tensor | None, bits: int, out: Tensor | None = None) -> Tensor:
+    """Codes as float, clamp(round(wg / s) + z), for wg (..., gs) with scale/zero (...,); into ``out`` if given."""
     lo_code, hi_code = _code_range(bits, zero is None)
-    s = scale.unsqueeze(-1)
-    z = 0.0 if zero is None else zero.unsqueeze(-1)
-    q = (torch.round(wg / s) + z).clamp(lo_code, hi_code)
-    return q, (q - z) * s
+    q = torch.div(wg, scale.unsqueeze(-1), out=out).round_()
+    if zero is not None:
+        q.add_(zero.unsqueeze(-1))
+    return q.clamp_(lo_code, hi_code)
 
 
 def weight_scales(
@@ -113,23 +113,17 @@ def weight_scales(
     grid = torch.tensor(_MSE_GRID).view(-1, 1, 1)
     best = torch.empty(wg.shape[:2], dtype=torch.long)
     rows = max(1, _GRID_ELEMS // (len(_MSE_GRID) * w.shape[1]))
-    lo_code, hi_code = _code_range(bits, symmetric)
     # One buffer for every chunk, computed in place: fresh 1 MiB temporaries per op cost more in
-    # page faults than the arithmetic. Same values as _fake_quant: (q - z) * s with
-    # q = clamp(round(w / s) + z); (deq - w)^2 == (w - deq)^2 exactly.
+    # page faults than the arithmetic. Dequantized: (q - z) * s; (deq - w)^2 == (w - deq)^2 exactly.
     buf = torch.empty(len(_MSE_GRID) * min(rows, wg.shape[0]) * w.shape[1])
     for a in range(0, wg.shape[0], rows):  # chunk rows: the grid multiplies memory by 21
         chunk = wg[a : a + rows]
         scale, zero = _params(chunk.unsqueeze(0), grid, bits, symmetric)
-        s = scale.unsqueeze(-1)
-        x = torch.div(chunk.unsqueeze(0), s, out=buf[: len(_MSE_GRID) * chunk.numel()].view(-1, *chunk.shape))
-        x.round_()
+        space = buf[: len(_MSE_GRID) * chunk.numel()].view(-1, *chunk.shape)
+        q = _codes(chunk.unsqueeze(0), scale, zero, bits, out=space)
         if zero is not None:
-            x.add_(zero.unsqueeze(-1))
-        x.clamp_(lo_code, hi_code)
-        if zero is not None:
-            x.sub_(zero.unsqueeze(-1))
-        err = x.mul_(s).sub_(chunk).square_().mul_(d).sum(-1)  # (grid, rows, groups)
+            q.sub_(zero.unsqueeze(-1))
+        err = q.mul_(scale.unsqueeze(-1)).sub_(chunk).square_().mul_(d).sum(-1)  # (grid, rows, groups)
         best[a : a + rows] = err.argmin(0)  # first minimum: the largest ratio among ties
     return _params(wg, grid.view(-1)[best], bits, symmetric)
 
@@ -229,7 +223,7 @@ def quantize_weights(
     params = [weight_scales(w, bits, group_size=group_size, symmetric=symmetric, clip=clip,
                             gram_diag=None if grams is None else grams[i].diagonal()) for i, w in enumerate(ws)]
     if method == "rtn":
-        codes = [_fake_quant(_grouped(w, group_size), *p, bits)[0].reshape(w.shape).to(_code_dtype(bits, symmetric))
+        codes = [_codes(_grouped(w, group_size), *p, bits).reshape(w.shape).to(_code_dtype(bits, symmetric))
                  for w, p in zip(ws, params, strict=True)]
     else:
         per_batch = max(1, _GPTQ_BATCH_ELEMS // ws[0].numel())
