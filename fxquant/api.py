@@ -19,6 +19,7 @@ from .config import QuantConfig
 from .duquant import apply_to_weight
 from .passes.cleanup import DropUnusedConstants
 from .passes.common import META, fetch_attr
+from .passes.lower import LowerToInteger
 from .passes.normalize import Normalize
 from .passes.quantize import QuantizeActivations, QuantizeWeights
 from .passes.transform import InsertTransforms, transform_chain
@@ -80,7 +81,8 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
 
     with _timed(seconds, "weights"):
         quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
-        gm = _run([QuantizeActivations(plan, scales), QuantizeWeights(plan, quantized, config.weight_format),
+        lower = [LowerToInteger(plan, quantized)] if config.execution == "int" else []
+        gm = _run([QuantizeActivations(plan, scales), *lower, QuantizeWeights(plan, quantized, config.weight_format),
                    DropUnusedConstants()], gm)
     gm.meta[META] = {"config": config, "plan": plan, "seconds": seconds}
     log.info("fxquant: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))

@@ -14,6 +14,7 @@ CLIPS = ("mse", "minmax")
 W_METHODS = ("rtn", "gptq")
 CAPTURES = ("export", "symbolic_trace")
 WEIGHT_FORMATS = ("fake", "packed")
+EXECUTIONS = ("fake", "int")
 
 # Fields a per-layer override may set. The transform and activation fields apply to the whole
 # group of layers that read one activation, so the members of a group must agree on them.
@@ -54,6 +55,8 @@ class QuantConfig:
     seed: int = 0
     capture: str = "export"  # "export" (torch.export, dynamic dims) or "symbolic_trace"
     weight_format: str = "fake"  # "fake": dequantized float constant; "packed": int4/int8 codes + scales
+    execution: str = "fake"  # "fake": float ops on the integer grid (any device, for accuracy work); "int":
+    # int8 activation codes times int8-held weight codes in an integer GEMM (torch._int_mm), int4 packed on disk
     skip: bool = False  # only meaningful in overrides: leave the matching layers in float
     keep_float_weights: bool = False  # keep each transformed float weight in the plan (never in the
     # module), so fxquant.dump can report a site's SQNR against float weights; costs a float copy
@@ -147,6 +150,14 @@ def _validate(c: QuantConfig, where: str) -> None:
     _choice(where, "a_granularity", c.a_granularity, GRANULARITIES)
     _choice(where, "capture", c.capture, CAPTURES)
     _choice(where, "weight_format", c.weight_format, WEIGHT_FORMATS)
+    _choice(where, "execution", c.execution, EXECUTIONS)
+    if c.execution == "int":
+        if c.weight_format != "fake":
+            raise _bad(where, "weight_format", c.weight_format, 'execution="int" always stores integer codes; '
+                       'leave weight_format at its default ("packed" is a storage form of execution="fake")')
+        if c.a_granularity == "channel" and c.a_quantized:
+            raise _bad(where, "a_granularity", c.a_granularity, 'a per-channel activation scale does not factor '
+                       'out of an integer GEMM: use "tensor" or "token" with execution="int", or execution="fake"')
     if c.a_symmetric is False and c.a_granularity != "token":
         raise _bad(where, "a_symmetric", c.a_symmetric, 'asymmetric activations need a_granularity="token" '
                    "(static scales are symmetric); set a_granularity='token' or a_symmetric=True")

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import batch_to_call
-from .passes.common import META, copy_graph_module, site_key
+from . import ops
+from .passes.common import META, copy_graph_module, fetch_attr, site_key
 from .plan import QuantPlan
 
 FORMATS = ("code", "table", "dot", "html")
@@ -71,7 +72,8 @@ def _step(info: dict) -> str:
     if role in ("unpack", "dequantize"):
         return f"{role} int{bits} weight"
     if role == "linear":
-        return f"linear W{info.get('w_bits', 'float')} A{info.get('a_bits', 'float')}"
+        kernel = f" ({info['kernel']})" if info.get("kernel") else ""
+        return f"linear W{info.get('w_bits', 'float')} A{info.get('a_bits', 'float')}{kernel}"
     return info.get("target", "?").rsplit(".", 1)[-1] if role == "constant" else role
 
 
@@ -128,7 +130,8 @@ def _num(value: Any) -> str:
 def table_rows(plan: QuantPlan, sqnr: Sqnr | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and one row per site: settings from the plan, numbers from its calibration stats."""
     header = ["layer", "in", "out", "calls", "group", "w", "a", "block", "alpha", "act scale", "max|x| before",
-              "max|x| after", "mean|x| before", "mean|x| after", "w error", *(SQNR_HEADERS if sqnr is not None else ()),
+              "max|x| after", "mean|x| before", "mean|x| after", "w error", "kernel",
+              *(SQNR_HEADERS if sqnr is not None else ()),
               "status"]
     rows = []
     for s in plan.sites.values():
@@ -149,6 +152,7 @@ def table_rows(plan: QuantPlan, sqnr: Sqnr | None = None) -> tuple[list[str], li
                 scale if isinstance(scale, str) else _num(scale),
                 *(_num(st.get(k)) for k in ("absmax_before", "absmax_after", "mean_abs_before", "mean_abs_after")),
                 _num(s.stats.get("weight_error")) if c.w_quantized else "-",
+                s.kernel or ("fake" if c.w_quantized or c.a_quantized else "float"),
                 *(map(_num, sqnr.get(s.name, (None, None))) if sqnr is not None else ())]
         rows.append(row + [g.note or "quantized"])
     return header, rows
@@ -186,6 +190,21 @@ class _SiteProbe(nn.Module):
                                                            (y.double() - ref.double()).square().sum()])
 
 
+def _int_weight_float(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The float weight an int8_linear node computes with: (codes - zero) x its weight scale (the
+    rescale constant divided by the static activation scale folded into it)."""
+    codes, rescale, w_zero = (None if a is None else fetch_attr(gm, a.target) for a in
+                              (node.args[1], node.args[2], node.args[8] if len(node.args) > 8 else None))
+    scale = rescale.double()
+    if node.args[5] is None:  # static activations: their scale is folded into the rescale
+        scale = scale / fetch_attr(gm, node.args[0].args[1].target).double()
+    groups = scale.shape[0]
+    w = codes.double().view(codes.shape[0], groups, -1)
+    if w_zero is not None:
+        w = w - w_zero.t().double().unsqueeze(-1)
+    return (w * scale.t().unsqueeze(-1)).view(codes.shape).float()
+
+
 def _db(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
@@ -208,12 +227,17 @@ def site_sqnr(gm: fx.GraphModule, batch: Any) -> Sqnr:
             probes[site] = (f"fxquant_probe_{len(probes)}", _SiteProbe(stats.get("weight_float")))
             probed.add_submodule(*probes[site])
         x = node.args[0]
-        if x.meta.get(META, {}).get("role") == "quantize":
-            x = x.args[0]  # the transformed activation before its quantizer
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        while x.meta.get(META, {}).get("role") == "quantize":
+            x = x.args[0]  # the transformed activation before its quantizer (and its getitem outputs)
+        weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if node.target is ops.int8_linear:  # integer codes: the probe compares against their float values
+            bias = node.args[3]
+            probed.register_buffer(f"fxquant_probe_w_{node.name}", _int_weight_float(gm, node))
+            with graph.inserting_before(mapping[node]):
+                weight = graph.get_attr(f"fxquant_probe_w_{node.name}")
         with graph.inserting_after(mapping[node]):
-            graph.call_module(probes[site][0], tuple(mapping[a] if isinstance(a, fx.Node) else a
-                                                     for a in (x, node, node.args[1], bias)))
+            graph.call_module(probes[site][0], tuple(mapping.get(a, a) if isinstance(a, fx.Node) else a
+                                                     for a in (x, node, weight, bias)))
     probed.recompile()
     args, kwargs = batch_to_call(batch)
     with torch.no_grad():

@@ -59,3 +59,103 @@ def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     high = (packed >> 4).to(torch.int8)
     codes = torch.stack([low, high], dim=-1).flatten(-2)
     return codes - 16 * (codes > 7).to(torch.int8) if signed else codes
+
+
+# --- integer execution -------------------------------------------------------------------------------
+# Activations are quantized to int8 codes with the same expressions as the fake ops above (x / scale,
+# round half to even), so the integer graph sees exactly the codes the fake graph simulates. The GEMM
+# accumulates code products exactly in int32; only the final rescale rounds, in float32.
+
+
+def quantize_static_int8(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """int8 codes of fake_quant_static (symmetric, calibrated per-tensor scale)."""
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8)
+
+
+def quantize_per_token_int8(x: torch.Tensor, qmax: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 scale per token (..., 1)) of fake_quant_per_token."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) * (clip / qmax)
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8), scale.float()
+
+
+def quantize_per_token_asym_int8(x: torch.Tensor, levels: int, clip: float = 1.0
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 scale, int32 zero) per token of fake_quant_per_token_asym.
+
+    The codes of that grid are 0..levels; they are stored shifted by ``offset`` (128 for 8 bits) so
+    they fit int8, and the zero point is shifted the same way: (code - zero) is unchanged.
+    """
+    offset = (levels + 1) // 2 if levels > 127 else 0
+    low = x.amin(-1, keepdim=True).clamp(max=0) * clip
+    high = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    scale = ((high - low) / levels).clamp(min=1e-8)
+    zero = torch.round(-low / scale)
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, levels) - offset
+    return codes.to(torch.int8), scale.float(), (zero - offset).to(torch.int32)
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (K, N) -> exact int32 (M, N), through torch._int_mm.
+
+    CUDA's kernel needs M > 16 and K, N multiples of 8: zero rows and columns are padded there and
+    cut off again (zeros add nothing to an integer sum, so this stays exact). CPU takes any shape.
+    """
+    if not a.is_cuda:
+        return torch._int_mm(a, b)
+    m, k, n = a.shape[0], a.shape[1], b.shape[1]
+    pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
+    if pad_m or pad_k:
+        a = torch.nn.functional.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = torch.nn.functional.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a, b)[:m, :n]
+
+
+def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype, x_scale: torch.Tensor | None = None, x_zero: torch.Tensor | None = None,
+                w_colsum: torch.Tensor | None = None, w_zero: torch.Tensor | None = None) -> torch.Tensor:
+    """y = dequantize(codes) @ dequantize(weight).T + bias, computed as an integer GEMM.
+
+    codes (..., K) int8 activation codes; weight (N, K) int8 weight codes (minus their offset);
+    scale (G, N) float32: weight scale per output channel and input group (G = 1: per channel),
+    times the static activation scale when there is one. Per-token activations bring x_scale
+    (..., 1) and, when asymmetric, x_zero (..., 1) int32 with w_colsum (G, N) int32 = the sum of
+    each group's weight codes. Asymmetric weights bring w_zero (G, N) float32. With q = codes and
+    w = weight, per group: sum_k (q - zx)(w - zw) = q.w - zx sum(w) - zw sum(q) + K zx zw.
+    """
+    lead, k = codes.shape[:-1], codes.shape[-1]
+    q = codes.reshape(-1, k)
+    groups = scale.shape[0]
+    size = k // groups
+    out = None
+    for g in range(groups):  # one GEMM per channel (G = 1) or per group of input columns
+        qg = q if groups == 1 else q[:, g * size:(g + 1) * size].contiguous()
+        acc = int_matmul(qg, weight[:, g * size:(g + 1) * size].t())
+        if x_zero is not None:
+            acc = acc - x_zero.reshape(-1, 1) * w_colsum[g]
+        acc = acc.float()
+        if w_zero is not None:
+            q_sum = qg.sum(-1, keepdim=True, dtype=torch.int32)
+            if x_zero is not None:
+                q_sum = q_sum - size * x_zero.reshape(-1, 1)
+            acc = acc - q_sum.float() * w_zero[g]
+        part = acc * scale[g]
+        out = part if out is None else out + part
+    if x_scale is not None:
+        out = out * x_scale.reshape(-1, 1)
+    out = out.to(out_dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, weight.shape[0])
+
+
+@torch.library.custom_op("fxquant::unpack_int4", mutates_args=())
+def unpack_int4_op(packed: torch.Tensor) -> torch.Tensor:
+    """unpack_int4 (signed) as one op that torch.export keeps whole: fxquant.save stores 4-bit
+    weights packed behind it, and fxquant.load folds it into int8 codes once (passes/lower.py)."""
+    return unpack_int4(packed, signed=True)
+
+
+@unpack_int4_op.register_fake
+def _(packed: torch.Tensor) -> torch.Tensor:
+    return packed.new_empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=torch.int8)

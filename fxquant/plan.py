@@ -34,6 +34,7 @@ class Site:
     calls: int = 0
     group: str = ""
     skip: str = ""  # why it stays in float ("" = quantized)
+    kernel: str = ""  # the integer GEMM that runs it (execution="int"); "" = float ops ("fake" when quantized)
     stats: dict = field(default_factory=dict)
 
 

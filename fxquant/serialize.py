@@ -27,7 +27,8 @@ from torch import fx
 
 from .capture import batch_to_call, dynamic_dims
 from .config import QuantConfig
-from .passes.common import META
+from .passes.common import META, copy_graph_module
+from .passes.lower import pack_weights, unpack_weights
 from .plan import Group, QuantPlan, Site
 
 PLAN_JSON = "fxquant/plan.json"
@@ -44,7 +45,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: Any) -> No
     """
     args, kwargs = batch_to_call(example_inputs)
     with torch.no_grad():
-        program = torch.export.export(_with_custom_meta(gm), args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
+        program = torch.export.export(_export_form(gm), args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
                                       strict=False)
     # no example inputs in the archive: torch.export.save would pickle them (torch.save)
     program.example_inputs = None
@@ -81,6 +82,7 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     _import_spec_modules(path)
     extra = {PLAN_JSON: "", PLAN_TEXT: ""}
     gm = torch.export.load(path, extra_files=extra).module()
+    unpack_weights(gm)  # 4-bit weights are stored packed: unpack them once, not on every call
     plan = None
     if extra[PLAN_JSON]:
         stored = json.loads(extra[PLAN_JSON])
@@ -125,19 +127,16 @@ def _import_spec_modules(path: str) -> None:
                               "install the package the model came from") from err
 
 
-def _with_custom_meta(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` (sharing its tensors) whose nodes carry meta["fxquant"] as JSON in
-    meta["custom"], the one node meta key torch.export carries into the nodes it produces."""
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
-    mapping: dict[fx.Node, fx.Node] = {}
-    output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
-    graph.output(output[0] if isinstance(output, tuple) else output)
-    for old, new in mapping.items():
-        if META in old.meta:
-            summary = {k: v for k, v in old.meta[META].items() if k != "stats"}  # stats: in the plan
-            new.meta = {**new.meta, "custom": {**(old.meta.get("custom") or {}), META: _encode(summary)}}
-    copy = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+def _export_form(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (sharing its tensors) as it is saved: 4-bit integer weights packed two per
+    byte (lower.pack_weights), and each node's meta["fxquant"] as JSON in meta["custom"], the one
+    node meta key torch.export carries into the nodes it produces."""
+    copy, _ = copy_graph_module(gm)
+    pack_weights(copy)
+    for node in copy.graph.nodes:
+        if META in node.meta:
+            summary = {k: v for k, v in node.meta[META].items() if k != "stats"}  # stats: in the plan
+            node.meta["custom"] = {**(node.meta.get("custom") or {}), META: _encode(summary)}
     return copy
 
 
