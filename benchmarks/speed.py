@@ -1,16 +1,22 @@
-"""Speed of the quantized graph under torch.compile, as ratios measured in one process.
+"""Speed and memory of SmolLM2-135M under torch.compile: fxquant fake and integer graphs, FP32, torchao.
 
-For each model and prefill shape: torch.compile(fp32 model), torch.compile(fxquant graph) and
-the eager lazy-style seed module, same inputs, after warm-up, median of --calls calls. Also the
-compile time and compile count of both compiled models. Writes benchmarks/results/speed.json
-and prints a markdown table. Goal: compiled fxquant / compiled fp32 <= 1.10.
+Everything timed in one process, same inputs, interleaved: for each shape, each compiled variant is
+called after warm-up and its median is divided by compiled FP32's median in the same round.
+Variants: torch.compile(fp32), the same with Inductor freezing, fxquant W4A8 static "fake" and
+"int", fxquant W4A8 per-token "int", and torchao 0.18's 8da4w (per-channel and group 32) when it
+imports. Memory: bytes of the quantized linears' weights in each GraphModule and in its .pt2 (vs
+their FP32 bytes), and the resident memory of each compiled model, measured in a fresh process
+(RSS after loading, compiling and two calls, minus RSS before loading).
 
-    python benchmarks/speed.py [--threads 2] [--calls 20]
+    python benchmarks/speed.py [--calib-windows 4] [--calls 20] [--budget-s 20]
+
+Writes benchmarks/results/speed.json and prints a markdown table with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -18,134 +24,170 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lazy_seed import lazy_copy  # noqa: E402
+import realmodel  # noqa: E402
+from accuracy import torchao_model, torchao_reason  # noqa: E402
 
+import fxquant  # noqa: E402
 from fxquant import QuantConfig, quantize_graph  # noqa: E402
+from fxquant.capture import capture  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = ((1, 1), (1, 16), (4, 128))
+STATIC = QuantConfig()  # W4 per channel, A8 static per tensor
+CONFIGS = {"fxquant fake W4A8 static": STATIC,
+           "fxquant int W4A8 static": dataclasses.replace(STATIC, execution="int"),
+           "fxquant int W4A8 token": dataclasses.replace(STATIC, execution="int", a_granularity="token")}
 
 
-def small_llama() -> tuple[nn.Module, str]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4)
-    return LlamaForCausalLM(cfg).eval(), "input_ids"
-
-
-class MLPStack(nn.Module):
-    """Residual MLP blocks, wide enough that the GEMMs dominate."""
-
-    def __init__(self, dim: int = 1024, hidden: int = 4096, blocks: int = 2) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
-                                                  nn.Linear(hidden, dim)) for _ in range(blocks))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block(x)
-        return x
-
-
-def _inputs(kind: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "input_ids":
-        return torch.randint(0, 512, shape, generator=g)
-    return torch.randn(*shape, 1024, generator=g)
-
-
-def _call(fn, kind: str, x: torch.Tensor):
-    return fn(input_ids=x) if kind == "input_ids" else fn(x)
-
-
-def _median_ms(fn, kind: str, x: torch.Tensor, calls: int) -> float:
+def _median_ms(fn: Any, ids: torch.Tensor, calls: int, budget_s: float) -> float:
+    """Median of up to ``calls`` calls (at least 3) after 2 warm-up calls, stopping after ``budget_s``."""
+    times: list[float] = []
     with torch.no_grad():
-        for _ in range(3):
-            _call(fn, kind, x)
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            _call(fn, kind, x)
-            times.append(time.perf_counter() - start)
+        for _ in range(2):
+            fn(ids)
+        start = time.perf_counter()
+        while len(times) < calls and (len(times) < 3 or time.perf_counter() - start < budget_s):
+            t = time.perf_counter()
+            fn(ids)
+            times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 
 
-def _compiled(module: nn.Module, kind: str, x: torch.Tensor):
+def _compile(module: torch.nn.Module, freezing: bool = False) -> tuple[Any, CompileCounterWithBackend]:
     counter = CompileCounterWithBackend("inductor")
-    fn = torch.compile(module, backend=counter)
-    start = time.perf_counter()
-    with torch.no_grad():
-        _call(fn, kind, x)
-    return fn, counter, time.perf_counter() - start
+    compiled = torch.compile(module, backend=counter, dynamic=True)
+    hf = hasattr(module, "config")  # the float model: the prefill graph, as fxquant captures it
+
+    def call(ids: torch.Tensor) -> Any:
+        # freezing must be on while Inductor compiles (the first call per shape); options={} ignores it
+        with torch._inductor.config.patch(freezing=freezing):
+            return compiled(input_ids=ids, use_cache=False) if hf else compiled(input_ids=ids)
+    return call, counter
 
 
-def measure(name: str, model: nn.Module, kind: str, shapes: list[tuple[int, int]], calls: int) -> list[dict]:
-    # calibrate (and capture) with batch 4: torch.export fixes a dim of size 1 in the graph
-    calib = [_inputs(kind, (4, 128), seed) for seed in range(4)]
-    batches = [{"input_ids": c} for c in calib] if kind == "input_ids" else calib
-    start = time.perf_counter()
-    gm = quantize_graph(model, batches, QuantConfig())
-    quantize_s = time.perf_counter() - start
-    lazy = lazy_copy(model)
-    with torch.no_grad():
-        for c in calib:  # the lazy module calibrates on its first calls
-            _call(lazy, kind, c)
-    rows = []
-    for shape in shapes:
-        x = _inputs(kind, shape, seed=100)
-        torch._dynamo.reset()
-        fp32, fp32_count, fp32_compile = _compiled(model, kind, x)
-        quant, quant_count, quant_compile = _compiled(gm, kind, x)
-        t_fp32 = _median_ms(fp32, kind, x, calls)
-        t_quant = _median_ms(quant, kind, x, calls)
-        t_lazy = _median_ms(lazy, kind, x, calls)
-        rows.append({"model": name, "shape": f"{shape[0]}x{shape[1]}", "fp32_compiled_ms": t_fp32,
-                     "fxquant_compiled_ms": t_quant, "lazy_eager_ms": t_lazy, "ratio_fxquant_fp32": t_quant / t_fp32,
-                     "ratio_lazy_fp32": t_lazy / t_fp32, "compile_s_fp32": fp32_compile,
-                     "compile_s_fxquant": quant_compile, "compiles_fp32": fp32_count.frame_count,
-                     "compiles_fxquant": quant_count.frame_count, "quantize_s": quantize_s})
-        print(_row(rows[-1]), flush=True)
-    return rows
+def weight_bytes(gm: torch.nn.Module, sites: list[str]) -> int:
+    """Bytes the module holds for the quantized sites' weights (codes, scales, zeros, sums)."""
+    keys = {s.replace(".", "_") for s in sites}
+    return sum(v.numel() * v.element_size() for k, v in gm.state_dict().items()
+               if k.startswith("fxquant.") and k.split(".")[1] in keys and k.split(".")[2] != "act_scale"
+               and k.split(".")[2].startswith(("w", "weight")))
 
 
-HEADER = ("| model | tokens | fp32 compiled ms | fxquant compiled ms | lazy eager ms | fxquant/fp32 | lazy/fp32 "
-          "| compile s fp32 / fxquant | compiles fp32 / fxquant |\n|---|---|---|---|---|---|---|---|---|")
+def archive_weight_bytes(path: Path, sites: list[str]) -> int:
+    """Bytes of the .pt2's tensor members for the quantized sites (read from torch.export's weights
+    config: which member holds which buffer)."""
+    keys = {s.replace(".", "_") for s in sites}
+    with zipfile.ZipFile(path) as archive:
+        config = next(n for n in archive.namelist() if n.endswith("data/weights/model_weights_config.json"))
+        entries = json.loads(archive.read(config))["config"]
+        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in archive.infolist()}
+    return sum(sizes[e["path_name"]] for name, e in entries.items()
+               if name.startswith("fxquant.") and name.split(".")[1] in keys and name.split(".")[2].startswith("w"))
 
 
-def _row(r: dict) -> str:
-    return (f"| {r['model']} | {r['shape']} | {r['fp32_compiled_ms']:.2f} | {r['fxquant_compiled_ms']:.2f} | "
-            f"{r['lazy_eager_ms']:.2f} | {r['ratio_fxquant_fp32']:.2f} | {r['ratio_lazy_fp32']:.2f} | "
-            f"{r['compile_s_fp32']:.1f} / {r['compile_s_fxquant']:.1f} | "
-            f"{r['compiles_fp32']} / {r['compiles_fxquant']} |")
+RESIDENT = r"""
+import gc, os, sys, torch, fxquant
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+torch.set_num_threads(int(sys.argv[2])); gc.collect(); before = rss()
+gm = fxquant.load(sys.argv[1])
+compiled = torch.compile(gm, dynamic=True)
+ids = torch.randint(0, 100, (1, 16))
+with torch.no_grad():
+    compiled(input_ids=ids); compiled(input_ids=ids)
+gc.collect(); print(rss() - before)
+"""
+
+
+def resident_mib(path: Path, threads: int) -> float:
+    out = subprocess.run([sys.executable, "-c", RESIDENT, str(path), str(threads)], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib-windows", type=int, default=4, help="512-token calibration windows (speed does "
+                        "not depend on them; the accuracy table uses 16)")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="stop timing a variant after this (>= 3 calls)")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = realmodel.set_threads()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.calls} calls after warm-up\n{HEADER}")
-    llama, kind = small_llama()
-    rows = measure("llama 4x256", llama, kind, [(1, 512), (8, 128)], args.calls)
-    rows += measure("mlp 2x(1024->4096->1024)", MLPStack().eval(), "x", [(1, 512), (8, 128)], args.calls)
+    split = realmodel.protocol_windows(args.calib_windows, 1)
+    model = realmodel.load_model()
+    calib = realmodel.calib_batches(split.calib)
+    variants: dict[str, torch.nn.Module] = {}
+    rows: dict[str, dict[str, Any]] = {"FP32": {}, "FP32 freezing": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="fxquant-speed-"))
+    fp32_gm = capture(model, input_ids=calib[0]["input_ids"])
+    fxquant.save(fp32_gm, tmp / "fp32.pt2", calib[0])
+    rows["FP32"]["resident_mib"] = resident_mib(tmp / "fp32.pt2", threads)
+    for name, config in CONFIGS.items():
+        t = time.perf_counter()
+        gm = quantize_graph(model, calib, config)
+        sites = [s.name for s in gm.meta["fxquant"]["plan"].active_sites()]
+        fp32_bytes = sum(4 * s.in_features * s.out_features for s in gm.meta["fxquant"]["plan"].active_sites())
+        path = tmp / f"{len(variants)}.pt2"
+        fxquant.save(gm, path, calib[0])
+        rows[name] = {"quantize_s": time.perf_counter() - t, "weights_fp32_bytes": fp32_bytes,
+                      "weights_module_bytes": weight_bytes(gm, sites),
+                      "weights_pt2_bytes": archive_weight_bytes(path, sites),
+                      "pt2_bytes": path.stat().st_size, "resident_mib": resident_mib(path, threads)}
+        variants[name] = gm
+        print(f"{name}: quantized in {rows[name]['quantize_s']:.1f} s", flush=True)
+    reason = torchao_reason()
+    if not reason:
+        for method in ("torchao-8da4w-ch", "torchao-8da4w-g32"):
+            variants[method], rows[method] = torchao_model(model, method), {}
+    compiled = {"FP32": _compile(model), "FP32 freezing": _compile(model, freezing=True)}
+    compiled |= {name: _compile(module) for name, module in variants.items()}
+    for batch, seq in SHAPES:
+        ids = split.eval[0][: batch * seq].view(batch, seq)
+        base = _median_ms(compiled["FP32"][0], ids, args.calls, args.budget_s)
+        for name, (fn, counter) in compiled.items():
+            ms = base if name == "FP32" else _median_ms(fn, ids, args.calls, args.budget_s)
+            rows[name][f"{batch}x{seq}_ms"] = ms
+            rows[name][f"{batch}x{seq}_ratio"] = ms / base
+            rows[name]["compiles"] = counter.frame_count
+        print(f"{batch}x{seq}: " + ", ".join(f"{n} {r[f'{batch}x{seq}_ratio']:.2f}" for n, r in rows.items()),
+              flush=True)
+    load = os.getloadavg()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"torch": torch.__version__, "threads": args.threads, "calls": args.calls, "commit": commit,
-              "command": "python " + " ".join(sys.argv), "rows": rows}
+    report = {"torch": torch.__version__, "threads": threads, "calls": args.calls, "commit": commit,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": load,
+              "command": "python " + " ".join(sys.argv), "torchao": reason or "0.18", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(report, tmp, indent=2)
-    os.replace(tmp.name, args.out)
+    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=2)
+    os.replace(f.name, args.out)
+    print(table(report))
     print(f"\nwrote {args.out}")
+
+
+def table(report: dict[str, Any]) -> str:
+    shapes = [f"{b}x{s}" for b, s in SHAPES]
+    lines = [f"torch {report['torch']}, CPU {report['cpu_capability']}, {report['threads']} threads, load average "
+             f"{' '.join(f'{x:.2f}' for x in report['load_average'])}; time / compiled FP32 in the same run",
+             "| variant | " + " | ".join(shapes) + " | compiles | quantized weights, module / .pt2 (x FP32) "
+             "| resident MiB |", "|---" * (len(shapes) + 4) + "|"]
+    for name, r in report["rows"].items():
+        ratios = " | ".join(f"{r[f'{s}_ratio']:.2f}" if f"{s}_ratio" in r else "-" for s in shapes)
+        memory = (f"{r['weights_module_bytes'] / r['weights_fp32_bytes']:.3f} / "
+                  f"{r['weights_pt2_bytes'] / r['weights_fp32_bytes']:.3f}" if "weights_fp32_bytes" in r else "-")
+        resident = f"{r['resident_mib']:.0f}" if "resident_mib" in r else "-"
+        lines.append(f"| {name} | {ratios} | {r.get('compiles', '-')} | {memory} | {resident} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .capture import batch_to_call
 from . import ops
+from .capture import batch_to_call
 from .passes.common import META, copy_graph_module, fetch_attr, site_key
 from .plan import QuantPlan
 

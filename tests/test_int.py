@@ -141,7 +141,8 @@ def test_int_graph_compiles_once_for_batch_2_to_8_and_runs_the_integer_gemm():
 def _tensor_bytes(path) -> int:
     """Bytes of the tensor members of a .pt2 archive (the graph's JSON is not counted)."""
     with zipfile.ZipFile(path) as archive:
-        return sum(i.file_size for i in archive.infolist() if "/data/" in i.filename and not i.filename.endswith("json"))
+        members = archive.infolist()
+        return sum(i.file_size for i in members if "/data/" in i.filename and not i.filename.endswith("json"))
 
 
 def test_save_load_round_trip_stores_4bit_weights_packed(tmp_path):
