@@ -62,7 +62,7 @@ def test_pickled_sample_inputs_are_refused_without_running_them(saved, tmp_path,
 
     marker = tmp_path / "ran"
     hostile = tmp_path / "evil.pt2"
-    _rewrite(saved[0], hostile, {"data/sample_inputs/model.pt": pickle.dumps(MakeDir(marker))})
+    _rewrite(saved[0], hostile, {"data/sample_inputs/model.pt": pickle.dumps(MakeDir(marker), protocol=2)})
     with pytest.raises(ValueError, match=r"member '[^']*data/sample_inputs/model.pt'.*weights_only=True"):
         load(hostile)
     assert not marker.exists(), "the pickle in the archive ran"
@@ -82,7 +82,7 @@ def test_weights_stored_as_pickles_are_refused_without_running_them(saved, tmp_p
     entry["use_pickle"] = True  # torch.export.load would torch.load(weights_only=False) this payload
     hostile = tmp_path / "evil.pt2"
     _rewrite(saved[0], hostile, {"model_weights_config.json": json.dumps(config).encode(),
-                                 f"data/weights/{entry['path_name']}": pickle.dumps(MakeDir(marker))})
+                                 f"data/weights/{entry['path_name']}": pickle.dumps(MakeDir(marker), protocol=2)})
     with pytest.raises(ValueError, match=rf"model_weights_config.json'.*{fqn}.*not raw tensor bytes"):
         load(hostile)
     assert not marker.exists(), "the pickle in the archive ran"
@@ -132,3 +132,15 @@ def test_a_damaged_archive_is_refused_naming_the_member(saved, tmp_path):
         file.write(bytes(b ^ 0x40 for b in byte))
     with pytest.raises(ValueError, match=rf"damaged\.pt2'.*damaged: member '{name}' fails its CRC check"):
         load(damaged)
+
+
+def test_sample_inputs_that_weights_only_accepts_still_load(tmp_path):
+    # a plain torch.export archive stores its example inputs as a pickle of tensors: that one is fine
+    model = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(3, 8)
+    path = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo(_member(path, "data/sample_inputs/model.pt")).file_size > 0
+    with torch.no_grad():
+        torch.testing.assert_close(load(path)(x), model(x))
