@@ -20,11 +20,19 @@ Which graphs are calibrated from what (the README states the same):
 - no ``calib_loader``: every graph is calibrated on the real inputs of the call that compiles it
   (its first call; for a recompile, the call that triggered it), with one warning.
 
-Shapes: a graph only runs inputs of the sizes Dynamo fixed in it. Use ``dynamic=True`` with a
-loader whose batches differ in shape from the calls (otherwise the first graph is static and its
-compile raises, saying so). A graph Dynamo specializes to batch size 1 is calibrated on the
-loader's batches one row at a time. Every compile (recompiles included) calibrates and solves
-again; deterministic, so the same loader gives the same quantization.
+Shapes: under the default ``dynamic=None`` the first graph is compiled for the call's sizes. If
+a calibration batch differs from the call in a size (4 rows, call of 6), the graph is traced
+again with symbolic sizes: where it does not depend on that size (an MLP), the batch calibrates
+it as it is; where it does (a view to the call's shape, as Hugging Face attention does), the
+compile raises, saying to pass ``dynamic=True`` or yield batches of the call's shape. A graph
+Dynamo specializes to batch size 1 is calibrated on the loader's batches one row at a time.
+Every compile (recompiles included) calibrates and solves again; deterministic, so the same
+loader gives the same quantization.
+
+State: the compiles of one torch.compile call share the no-loader warning and a generator loader
+read into a list. The compiled graphs hold that state, nothing else does: once the compiled
+model is dropped and Dynamo's cache is cleared (``torch._dynamo.reset()``), options, loader and
+batches can be collected.
 
 Constants: parameters, buffers and every other tensor that is not an argument of the call
 (module attributes, globals, closure cells) are baked in at compile time, sharing storage with
@@ -38,12 +46,15 @@ import inspect
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .api import quantize_module
 from .capture import batch_to_call
@@ -54,9 +65,21 @@ from .passes.lift import LiftConstants, target_from_source
 NAME = "fxquant"
 OPTIONS = ("calib_loader", "config", "inner")
 _NAMESPACE = {"__builtins__": {}}  # Dynamo source names are Python expressions over L / G
-# Per torch.compile call (keyed by id of its options dict, kept alive so the id stays unique):
-# whether the no-loader warning was given, and a one-shot loader read into a list.
-_STATE: dict[int, dict[str, Any]] = {}
+
+
+class _State:
+    """What the compiles of one torch.compile call share: whether the no-loader warning was
+    given, and a one-shot loader read into a list (recompiles calibrate on the same batches)."""
+
+    def __init__(self, options: dict | None) -> None:
+        self.options = options  # keeps id(options) unique while this state exists
+        self.warned = False
+        self.loader: list | None = None
+
+
+# Keyed by id of the options dict. Held weakly here and strongly by every callable compiled with
+# those options, so it (and the loader's batches) goes when Dynamo and the user drop them.
+_STATE: weakref.WeakValueDictionary[int, _State] = weakref.WeakValueDictionary()
 
 
 def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
@@ -67,7 +90,9 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     kept for recompiles), ``config`` (QuantConfig), ``inner`` ("inductor" by default, any registered backend
     name such as "eager", or a backend callable). ``mode`` is passed on to Inductor.
     """
-    state = _STATE.setdefault(id(options), {"options": options})
+    state = _STATE.get(id(options))
+    if state is None:
+        state = _STATE[id(options)] = _State(options)
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -81,24 +106,26 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
     inputs = _classify(gm, example_inputs, frame, call)
     # Dynamo reads its graph again after the backend returns (to call the result): rewrite a copy
     constants = {i.node: (i.target, example_inputs[i.index]) for i in inputs if i.constant}
-    gm = LiftConstants(constants)(copy_graph_module(gm)[0]).graph_module
+    dynamo_gm, gm = gm, LiftConstants(constants)(copy_graph_module(gm)[0]).graph_module
     user = [i for i in inputs if not i.constant]
 
     loader = options.get("calib_loader")
     if loader is not None and iter(loader) is loader:  # a generator: recompiles must see the same batches
-        loader = state.setdefault("loader", list(loader))
+        if state.loader is None:
+            state.loader = list(loader)
+        loader = state.loader
     if loader is None:
-        if not state.get("warned"):
-            state["warned"] = True
+        if not state.warned:
+            state.warned = True
             _warn(user)
         batches: Iterable[Any] = [tuple(_first_call_value(i, example_inputs, frame) for i in user)]
     else:
-        batches = _mapped_batches(loader, user, frame, call, gm, example_inputs)
+        batches = _mapped_batches(loader, user, frame, call, dynamo_gm, example_inputs)
     quantized = quantize_module(gm, batches, config)
 
     kept = [example_inputs[i.index] for i in user]
     compiled = _compile_inner(options.get("inner", "inductor"), quantized, kept, mode)
-    return _drop_constants(compiled, [i.index for i in user])
+    return _drop_constants(compiled, [i.index for i in user], state)
 
 
 @dataclass
@@ -280,15 +307,22 @@ def _mapped_batches(loader: Iterable[Any], user: list[_Input], frame: _Frame | N
     unmapped = [i for i in user if not i.root]
     if user and (frame.nested or unmapped):
         raise ValueError(_unmappable(gm, frame, unmapped or user))
-    return _Mapped(loader, user, call.params if call is not None else [], example_inputs)
+    return _Mapped(loader, user, call.params if call is not None else [], example_inputs, gm)
 
 
 class _Mapped:
     """Re-iterable view of the loader (quantize_module reads it twice; nothing is copied)."""
 
     def __init__(self, loader: Iterable[Any], user: list[_Input], params: list[str],
-                 example_inputs: Sequence[Any]) -> None:
+                 example_inputs: Sequence[Any], graph: fx.GraphModule) -> None:
         self.loader, self.user, self.params, self.example_inputs = loader, user, params, example_inputs
+        self.graph = graph  # Dynamo's graph: traced again only if a batch's sizes differ from those it fixed
+        self._free: tuple[list[tuple[bool, ...]], str] | None = None
+
+    def free_sizes(self) -> tuple[list[tuple[bool, ...]], str]:
+        if self._free is None:
+            self._free = _free_sizes(self.graph, self.example_inputs)
+        return self._free
 
     def __iter__(self) -> Iterator[tuple]:
         for number, batch in enumerate(self.loader):
@@ -296,7 +330,7 @@ class _Mapped:
             values = tuple(_as_graph_value(_resolve(i, args, kwargs, self.params, number), self.example_inputs[i.index])
                            for i in self.user)
             for piece in _rows_if_batch_one(values, self.user):
-                _check_batch(piece, self.user, self.example_inputs, number)
+                _check_batch(piece, self.user, self.example_inputs, number, self.free_sizes)
                 yield piece
 
 
@@ -345,8 +379,34 @@ def _rows_if_batch_one(values: tuple, user: list[_Input]) -> list[tuple]:
     return [tuple(v[r:r + 1] if k in ones else v for k, v in enumerate(values)) for r in range(n)]
 
 
-def _check_batch(values: tuple, user: list[_Input], example_inputs: Sequence[Any], number: int) -> None:
-    """Batches must fit the graph: same dtype and rank as the call, and the sizes Dynamo fixed."""
+def _free_sizes(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[list[tuple[bool, ...]], str]:
+    """For each input of a graph Dynamo compiled for fixed sizes, which of its sizes the graph does
+    not depend on (True), and why none are when that cannot be told.
+
+    Dynamo writes the call's sizes into a static graph as numbers. Traced again with every input
+    size symbolic, a size the graph really uses (a view to the call's shape, a broadcast with a
+    tensor of that size) becomes a constant; any other size may differ in calibration. A size used
+    only as a number (x.sum(0) / 6) is not seen: calibration then computes with the call's number.
+    """
+    if any(isinstance(v, torch.SymInt | torch.SymFloat) for v in inputs):
+        return [()] * len(inputs), "Dynamo made other sizes of this graph dynamic and kept this one fixed"
+    try:
+        from torch._guards import tracing
+
+        # private: a fresh tracing context, so that the trace's shape guards stay out of Dynamo's
+        with tracing(None), torch.no_grad():
+            traced = make_fx(gm, tracing_mode="symbolic")(*inputs)
+    except Exception as err:  # cannot tell: treat every size as fixed, and say why
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        return [()] * len(inputs), f"tracing it with symbolic sizes failed ({type(err).__name__}: {reason})"
+    values = [n.meta.get("val") for n in traced.graph.nodes if n.op == "placeholder"]
+    return [tuple(not is_concrete_int(d) for d in v.shape) if isinstance(v, torch.Tensor) else () for v in values], \
+        "it uses the call's size there (e.g. in a view or reshape to the call's shape)"
+
+
+def _check_batch(values: tuple, user: list[_Input], example_inputs: Sequence[Any], number: int,
+                 free_sizes: Callable[[], tuple[list[tuple[bool, ...]], str]]) -> None:
+    """Batches must fit the graph: same dtype and rank as the call, and the sizes the graph depends on."""
     for value, item in zip(values, user, strict=True):
         real = example_inputs[item.index]
         if not isinstance(real, torch.Tensor):
@@ -356,12 +416,19 @@ def _check_batch(values: tuple, user: list[_Input], example_inputs: Sequence[Any
             raise ValueError(f"fxquant backend: calibration batch {number} gives {item.source} as {got}, but the "
                              f"compiled call passed {real.dtype} {real.dim()}-D; yield batches that call the model "
                              "the way you call the compiled model")
-        if any(fixed is not None and fixed != size for fixed, size in zip(item.sizes, value.shape, strict=True)):
+        differ = [d for d, (fixed, size) in enumerate(zip(item.sizes, value.shape, strict=True))
+                  if fixed is not None and fixed != size]
+        if not differ:
+            continue
+        free, why = free_sizes()
+        fixed = [d for d in differ if not (d < len(free[item.index]) and free[item.index][d])]
+        if fixed:
             shown = tuple("*" if d is None else d for d in item.sizes)
             raise ValueError(f"fxquant backend: calibration batch {number} gives {item.source} of shape "
-                             f"{tuple(value.shape)}, but Dynamo compiled this graph for shape {shown} (* = dynamic). "
-                             "Pass dynamic=True to torch.compile (one graph for every batch size and length), or "
-                             "yield calibration batches of the shape of the calls.")
+                             f"{tuple(value.shape)}, but Dynamo compiled this graph for shape {shown} (* = dynamic) "
+                             f"and it depends on the size in dim {fixed[0]}: {why}. Pass dynamic=True to "
+                             "torch.compile (one graph for every batch size and length), or yield calibration "
+                             "batches of the shape of the calls.")
 
 
 def _unmappable(gm: fx.GraphModule, frame: _Frame, user: list[_Input]) -> str:
@@ -391,13 +458,14 @@ def _compile_inner(inner: Any, gm: fx.GraphModule, inputs: list[Any], mode: str 
     return lookup_backend(inner)(gm, inputs)
 
 
-def _drop_constants(compiled: Callable[..., Any], keep: list[int]) -> Callable[..., Any]:
+def _drop_constants(compiled: Callable[..., Any], keep: list[int], state: _State) -> Callable[..., Any]:
     """Dynamo calls the result with every original input (unboxed, like any backend's result);
-    the lifted constants are dropped."""
+    the lifted constants are dropped. The result holds the shared state for later recompiles."""
 
     def run(*args: Any) -> Any:
         return compiled(*[args[i] for i in keep])
 
+    run.fxquant_state = state  # type: ignore[attr-defined]
     return run
 
 

@@ -277,7 +277,11 @@ def _dump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .dump import dump
     from .serialize import load
 
-    text = dump(load(args.model), path=args.output, fmt=args.format)
+    try:
+        gm = load(args.model)  # refuses a damaged file, pickles and modules off its allow-list
+    except ImportError as err:  # a module the file's output types need is not installed: one line too
+        raise ValueError(str(err)) from err
+    text = dump(gm, path=args.output, fmt=args.format)
     if args.output is None:
         print(text)
     else:

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import json
 import os
+import re
+import sys
 import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 import torch
@@ -75,13 +79,32 @@ def _write_atomic(path: str, write: Any) -> None:
 
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
-    """The module saved by ``save``: called like the original graph, fxquant meta restored."""
+    """The module saved by ``save``: called like the original graph, fxquant meta restored.
+
+    What load reads, so that a hostile or damaged file runs no code (checked before torch sees it):
+    - every member's CRC (``zipfile.ZipFile.testzip``): a damaged file is refused, naming the member;
+    - only JSON (graph, plan, payload configs), raw tensor bytes and text ``extra`` files; a member
+      torch would unpickle is refused, naming it: weights or constants stored as pickles, custom
+      (torchbind / opaque) objects, AOTInductor libraries, any member fxquant.save does not write.
+      Sample inputs (``save`` writes none) are read only if they load with
+      ``torch.load(weights_only=True)``, which torch then tries first, so its pickle fallback never runs;
+    - modules named in ``extra/fxquant/imports.json`` (the types of the call's inputs and outputs)
+      are imported only if they are part of fxquant, or Hugging Face transformers modules that
+      define output types (``transformers.modeling_outputs``, ``transformers.cache_utils``,
+      ``transformers.models.<name>.modeling_<name>``), imported as ``import`` finds them. Any other
+      module must already be imported by you: load raises a ValueError naming it rather than import it.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no fxquant archive at {path!r}")
-    _import_spec_modules(path)
-    extra = {PLAN_JSON: "", PLAN_TEXT: ""}
-    gm = torch.export.load(path, extra_files=extra).module()
+    # one open file for the checks and the load: a file swapped in at ``path`` meanwhile is not read
+    with open(path, "rb") as file:
+        modules = _check_archive(file, path)
+        _import_spec_modules(modules, path)
+        extra = {PLAN_JSON: "", PLAN_TEXT: ""}
+        file.seek(0)
+        program = torch.export.load(file, extra_files=extra)
+    gm = program.module()
     unpack_weights(gm)  # 4-bit weights are stored packed: unpack them once, not on every call
     plan = None
     if extra[PLAN_JSON]:
@@ -93,6 +116,95 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
         if info is not None:
             node.meta[META] = _with_stats(_decode(info), plan)
     return gm
+
+
+# Members of a torch.export archive (below its root folder) that load reads as text, JSON or raw
+# tensor bytes; anything else is refused. Raw payloads are named weight_<n> / tensor_<n>.
+_PLAIN = re.compile(r"archive_format|archive_version|byteorder|\.data/[^/]+|models/[^/]+\.json|extra/.+"
+                    r"|data/weights/[^/]+_weights_config\.json|data/constants/[^/]+_constants_config\.json"
+                    r"|data/weights/weight_\d+|data/constants/tensor_\d+")
+# torch.save files that torch reads with torch.load(weights_only=True), falling back to
+# weights_only=False (any pickle) when that fails: the sample inputs, and weights / constants of
+# the archive layout before torch 2.8
+_TORCH_SAVE = re.compile(r"data/sample_inputs/[^/]+\.pt|data/weights/[^/]+\.pt|data/constants/[^/]+\.pt")
+_RAW_PAYLOAD = {"data/weights/": "weight_", "data/constants/": "tensor_"}
+
+
+def _check_archive(file: Any, path: str) -> list[str]:
+    """Refuse an archive that is damaged or holds anything torch.export.load would unpickle or
+    run; return the modules named in its imports.json."""
+    try:
+        archive = zipfile.ZipFile(file)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path!r} is not a .pt2 archive written by fxquant.save / torch.export.save") from None
+    with archive:
+        try:
+            damaged = archive.testzip()  # reads every member and checks its CRC-32
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+            raise ValueError(f"{path!r} is damaged ({err}); write it again with fxquant.save") from None
+        if damaged is not None:
+            raise ValueError(f"{path!r} is damaged: member {damaged!r} fails its CRC check (its bytes changed "
+                             "after it was written); write the file again with fxquant.save")
+        names = archive.namelist()
+        root = names[0].split("/")[0] + "/" if names else ""
+        seen: set[str] = set()
+        for name in names:
+            # torch's zip reader finds members ignoring case: two names differing only in case are
+            # two candidates for one read, and the one checked here might not be the one torch reads
+            if name.lower() in seen:
+                raise ValueError(f"{path!r}: member {name!r} appears twice (names compared ignoring case); "
+                                 "fxquant.save never writes that, so the file is not loaded")
+            seen.add(name.lower())
+            _check_member(archive, name, root, path)
+        imports = root + "extra/" + IMPORTS
+        try:
+            modules = json.loads(archive.read(imports)) if imports in names else []
+        except ValueError:
+            modules = None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ValueError(f"{path!r}: member {imports!r} must be a JSON list of module names")
+    return modules
+
+
+def _check_member(archive: zipfile.ZipFile, name: str, root: str, path: str) -> None:
+    refuse = f"{path!r}: member {name!r}"
+    never = ("fxquant.load reads only JSON, raw tensor bytes and text, never a pickle (unpickling runs "
+             "code); was the file written by fxquant.save?")
+    if not root or not name.startswith(root):
+        raise ValueError(f"{refuse} lies outside the archive's folder {root!r}; {never}")
+    member = name[len(root):]
+    if _PLAIN.fullmatch(member):  # read as text, JSON or raw bytes
+        if member.startswith(tuple(_RAW_PAYLOAD)) and member.endswith("_config.json"):
+            _check_payload_config(archive.read(name), member, f"{refuse}:")
+        return
+    if _TORCH_SAVE.fullmatch(member):
+        data = archive.read(name)
+        if not data:  # save writes empty sample inputs; torch reads empty as "none"
+            return
+        try:
+            loaded = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{refuse} is a pickle that torch.load(weights_only=True) refuses "
+                             f"({type(err).__name__}); {never}") from None
+        if not isinstance(loaded, (tuple, dict)):  # torch would then fail after its fallback
+            raise ValueError(f"{refuse} holds a {type(loaded).__name__}, not a tuple or dict; {never}")
+        return
+    raise ValueError(f"{refuse} is not part of an archive fxquant.save writes; {never}")
+
+
+def _check_payload_config(text: bytes, member: str, refuse: str) -> None:
+    """Weights and constants must be raw tensor bytes: torch unpickles an entry with use_pickle
+    (torch.load with weights_only=False) and custom or opaque objects (pickle.loads)."""
+    folder = member[:member.rindex("/") + 1]
+    try:
+        entries = json.loads(text)["config"]
+        stored = [(fqn, bool(e.get("use_pickle")), str(e.get("path_name"))) for fqn, e in entries.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{refuse} is not a torch.export payload config (JSON)") from None
+    for fqn, pickled, name in stored:
+        if pickled or not re.fullmatch(_RAW_PAYLOAD[folder] + r"\d+", name):
+            raise ValueError(f"{refuse} stores {fqn!r} as {name!r}, a pickle or object, not raw tensor bytes; "
+                             "fxquant.load never unpickles (that runs code). Was the file written by fxquant.save?")
 
 
 def _spec_modules(program: torch.export.ExportedProgram) -> list[str]:
@@ -112,14 +224,21 @@ def _spec_modules(program: torch.export.ExportedProgram) -> list[str]:
     return sorted(modules)
 
 
-def _import_spec_modules(path: str) -> None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith(f"/extra/{IMPORTS}")), None)
-            modules = json.loads(archive.read(name)) if name else []
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path!r} is not a .pt2 archive written by fxquant.save / torch.export.save") from None
+# Modules load may import to register the types of the call's inputs and outputs: fxquant's own,
+# and the Hugging Face modules defining ModelOutput and cache types (a transformers model's output)
+_IMPORTABLE = re.compile(r"fxquant(\.\w+)*|transformers\.(modeling_outputs|cache_utils|models\.\w+\.modeling_\w+)")
+
+
+def _import_spec_modules(modules: list[str], path: str) -> None:
+    """Import what the archive's pytree types need, from the allow-list only: importing runs the
+    module's code, and the names come from the file."""
     for module in modules:
+        if module in sys.modules:  # imported already: importing again runs nothing
+            continue
+        if not _IMPORTABLE.fullmatch(module):
+            raise ValueError(f"{path!r} returns types from module {module!r}, which fxquant.load does not import "
+                             "(it imports only fxquant and Hugging Face transformers output modules, since importing "
+                             f"runs code named by the file); if you trust the file, `import {module}` before loading")
         try:
             importlib.import_module(module)
         except ImportError as err:

@@ -1,10 +1,12 @@
 """The torch.compile backend "fxquant": same result as quantize_graph, one compile, graph breaks."""
 
+import gc
 import importlib
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -172,10 +174,35 @@ def test_unknown_option_is_rejected_with_the_allowed_ones():
         compiled(torch.randn(2, 64))
 
 
-def test_static_graph_with_other_batch_shapes_says_to_compile_dynamic():
-    compiled = _compile(mlp(), calib_loader=tensor_batches(2, (8, 64)))  # dynamic=None: first graph is static
-    with pytest.raises(BackendCompilerFailed, match=r"shape \(8, 64\).*\(3, 64\).*dynamic=True"):
+class FixedView(nn.Module):
+    """Views its output by the input's batch size: Dynamo's static graph holds that size as a number."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.a(x).view(x.shape[0], 4, 16).softmax(-1).flatten(1)
+
+
+@torch.no_grad()
+def test_static_graph_calibrates_on_another_batch_size_where_it_does_not_depend_on_it():
+    data = tensor_batches(2, (4, 64))
+    reference = quantize_graph(mlp(), data, FAST)
+    compiled = _compile(mlp(), calib_loader=data)  # dynamic=None: the first graph is static (6 rows)
+    x = torch.randn(6, 64) * 5
+    torch.testing.assert_close(compiled(x), reference(x))
+
+
+def test_static_graph_that_depends_on_the_batch_size_says_to_compile_dynamic():
+    compiled = _compile(FixedView(), calib_loader=tensor_batches(2, (8, 64)))  # dynamic=None: static graph
+    with pytest.raises(BackendCompilerFailed, match=r"shape \(8, 64\).*\(3, 64\).*dim 0.*view.*dynamic=True"):
         compiled(torch.randn(3, 64))
+    torch._dynamo.reset()
+    # calibration batches of the call's shape serve that graph
+    compiled = _compile(FixedView(), calib_loader=tensor_batches(2, (3, 64)))
+    assert compiled(torch.randn(3, 64)).shape == (3, 64)
 
 
 def test_dict_batches_for_a_tensor_model_name_the_missing_argument():
@@ -218,3 +245,34 @@ def test_inductor_is_the_default_inner_compiler():
     compiled = torch.compile(mlp(), backend="fxquant", dynamic=True, options={"calib_loader": data, "config": FAST})
     x = torch.randn(6, 64) * 5
     torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+class _Loader:
+    """A re-iterable loader that can be weakly referenced (a list cannot)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@torch.no_grad()
+def test_nothing_of_a_compile_stays_alive_once_the_compiled_model_and_dynamo_cache_are_gone():
+    loader = _Loader(tensor_batches(2))
+    data = tensor_batches(2, seed=1)
+    batches = (b for b in data)  # a generator: the backend keeps its batches in a list for recompiles
+    refs = [weakref.ref(loader), weakref.ref(batches), *(weakref.ref(b) for b in data)]
+    del data
+    for options in ({"calib_loader": loader}, {"calib_loader": batches}):
+        compiled = _compile(mlp(), dynamic=True, **options)
+        compiled(torch.randn(4, 64))
+        compiled(torch.randn(1, 64))  # a recompile (batch 1) shares the state of the first compile
+        refs.append(weakref.ref(compiled))
+        del compiled, options
+    assert len(fxquant.backend._STATE) == 2, "one state per torch.compile call while its graphs live"
+    del loader, batches
+    torch._dynamo.reset()
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs), "a loader, batch or compiled model outlived its compile"
+    assert not fxquant.backend._STATE
