@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import solve
-from .calibrate import ActivationCache, InputStats, RangeStats, observed_copy, run_loader
+from .calibrate import ActivationCache, InputStats, LoaderPasses, RangeStats, observed_copy, run_loader
 from .capture import batch_to_call, capture
 from .config import QuantConfig
 from .duquant import apply_to_weight
@@ -24,7 +24,7 @@ from .passes.normalize import Normalize
 from .passes.quantize import QuantizeActivations, QuantizeWeights
 from .passes.transform import InsertTransforms, transform_chain
 from .passes.verify import check_invariants
-from .plan import QuantPlan, make_plan
+from .plan import QuantPlan, make_plan, warn_nothing_quantized
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,37 @@ def quantize_graph(model: nn.Module, calib_loader: Iterable[Any], config: QuantC
     structure, and is a pure function of its inputs and constants (ready for torch.compile).
     With ``dry_run=True`` returns the QuantPlan and rewrites nothing.
     """
-    config = config or QuantConfig()
+    config = _checked_arguments(model, calib_loader, config)
     loader = _reiterable(calib_loader)
     first = example_inputs if example_inputs is not None else _first_batch(loader)
     gm = capture(model, *batch_to_call(first), method=config.capture)
-    return quantize_module(gm, loader, config, dry_run=dry_run)
+    result = quantize_module(gm, loader, config, dry_run=dry_run)
+    warn_nothing_quantized(result if dry_run else result.meta[META]["plan"], config)
+    return result
+
+
+def _checked_arguments(model: Any, calib_loader: Any, config: Any) -> QuantConfig:
+    """quantize_graph's arguments, checked before capture: each error names the argument and the fix."""
+    if config is None:
+        config = QuantConfig()
+    if not isinstance(config, QuantConfig):
+        fix = ("QuantConfig() (an instance, not the class)" if config is QuantConfig
+               else "QuantConfig(**config)" if isinstance(config, Mapping) else "QuantConfig(...)")
+        got = "the class itself" if config is QuantConfig else type(config).__name__
+        raise TypeError(f"config must be a fxquant.QuantConfig instance, got {got}; pass {fix}")
+    if isinstance(model, nn.Module):
+        meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"model has tensors on the meta device ({meta!r}, ...), which hold no values to "
+                             "calibrate or quantize; load the real weights first (e.g. from_pretrained without "
+                             "device_map='meta', or model.to_empty(device='cpu') then load_state_dict)")
+    if isinstance(calib_loader, torch.Tensor):
+        raise TypeError("calib_loader is a Tensor; iterating it would give single rows, not batches: pass a list "
+                        "of batches, e.g. [x]")
+    if not isinstance(calib_loader, Iterable) and not hasattr(calib_loader, "__getitem__"):
+        raise TypeError(f"calib_loader must be an iterable of batches (a list or a DataLoader), got "
+                        f"{type(calib_loader).__name__}: pass e.g. [batch] (a Tensor, tuple or dict each)")
+    return config
 
 
 def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: QuantConfig, *,
@@ -134,10 +160,12 @@ def _run(passes: list, gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _reiterable(loader: Iterable[Any]) -> Iterable[Any]:
-    """Calibration reads the loader twice; a one-shot iterator (a generator) is kept in a list."""
-    if iter(loader) is loader:
-        return list(loader)
-    return loader
+    """Calibration reads the loader twice; a one-shot iterator (a generator) is kept in a list, and
+    LoaderPasses says so when another one-shot iterable yields less the second time."""
+    if isinstance(loader, LoaderPasses):
+        return loader
+    # Iterator, not iter(loader) is loader: calling iter() would use up a one-shot iterable
+    return LoaderPasses(list(loader) if isinstance(loader, Iterator) else loader)
 
 
 def _first_batch(loader: Iterable[Any]) -> Any:

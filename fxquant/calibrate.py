@@ -6,8 +6,9 @@ the module's tensors, and are thrown away with it.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from .capture import batch_to_call
 from .passes.common import copy_graph_module
 from .quant import percentile_from_histogram
 
+log = logging.getLogger(__name__)
 _GRAM_BLOCK = 128  # columns per block row of the Gram matrix
 
 try:
@@ -57,7 +59,13 @@ class InputStats:
         self.absmax = torch.maximum(self.absmax, _finite_absmax(x.abs(), self.layers))
         if self._gram is not None:
             for rows in self._gram_rows:
-                self._gram[rows, rows.start:] += (x[:, rows].T @ x[:, rows.start:]).double()
+                block = x[:, rows].T @ x[:, rows.start:]
+                if not torch.isfinite(block).all():  # |x| ~1e19: x^2 overflows float32 (NaN and Inf stopped above)
+                    raise ValueError(f"calibration activation read by {self.layers} reaches |x| = "
+                                     f"{float(self.absmax.max()):.3g}: its X^T X (for w_method='gptq' and "
+                                     "w_clip='mse') overflows float32. Activations this large are out of range: "
+                                     "check the calibration data and the layers before it")
+                self._gram[rows, rows.start:] += block.double()
             self._mirrored = False
         keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
         rows = torch.cat([self.rows, x])
@@ -216,9 +224,60 @@ def run_loader(gm: fx.GraphModule, loader: Iterable[Any], desc: str) -> int:
                 raise
             except Exception as err:
                 raise RuntimeError(f"calibration batch {batches} could not run through the captured graph "
-                                   f"({type(err).__name__}: {err}); every batch must call the model the "
-                                   "same way as the first one (same argument names and ranks)") from err
+                                   f"({type(err).__name__}: {err}); {_batch_hint(gm, args, kwargs, batches)}") from err
             batches += 1
     if batches == 0:
         raise ValueError("calib_loader yielded no batches: give it at least one batch of representative inputs")
+    _warn_zero_inputs(gm)
     return batches
+
+
+def _batch_hint(gm: fx.GraphModule, args: tuple, kwargs: dict, number: int) -> str:
+    """What to check when a batch fails: its dtype and device against the model's weights, else
+    (after the first batch) that it is called like the first one."""
+    weights = [t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()]
+    inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    dtypes, devices = {t.dtype for t in weights}, {t.device for t in weights}
+    odd = [t for t in inputs if (t.is_floating_point() and dtypes and t.dtype not in dtypes)
+           or (devices and t.device not in devices)]
+    if odd:
+        want = ", ".join(sorted({str(d).removeprefix("torch.") for d in dtypes}))
+        where = ", ".join(sorted({str(d) for d in devices}))
+        got = str(odd[0].dtype).removeprefix("torch.")
+        return (f"the batch holds {got} on {odd[0].device} but the model's weights are {want} on {where}: "
+                "give batches in the model's dtype and on its device (e.g. batch.to(dtype, device))")
+    if number == 0:
+        return "check that the batch is what the model takes (argument names, shapes, dtype and device)"
+    return "every batch must call the model the same way as the first one (same argument names and ranks)"
+
+
+def _warn_zero_inputs(gm: fx.GraphModule) -> None:
+    """All-zero calibration data leaves nothing to measure: scales and transforms would be made up."""
+    for module in gm.modules():
+        stats = getattr(module, "stats", None)
+        if isinstance(module, Observer) and isinstance(stats, InputStats) and not stats.absmax.any():
+            log.warning("fxquant calibrate: every calibration input of %s is zero, so its activation scales "
+                        "and transform are not measured; calibrate on representative, non-zero data", stats.layers)
+
+
+class LoaderPasses:
+    """The user's loader, iterated once per calibration pass. A pass with fewer batches than one
+    before it means the loader can be iterated only once: that is said, instead of "yielded no
+    batches" or a calibration on part of the data."""
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader, self.most = loader, 0
+
+    def __len__(self) -> int:  # for the progress bar; a TypeError (no len) is what tqdm expects
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        count = 0
+        for batch in self.loader:
+            count += 1
+            self.most = max(self.most, count)
+            yield batch
+        if count < self.most:
+            raise ValueError(f"calib_loader yielded {count} batches when iterated again, after {self.most} before: "
+                             "fxquant reads it more than once (capture, calibration, scales). Pass a list of "
+                             "batches, or a loader that starts over on each iter() as a DataLoader does")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     with _progress_bars(enabled=not args.quiet), _logging(quiet=args.quiet):
         try:
             return args.run(args, parser)
-        except (ValueError, TypeError, FileNotFoundError) as err:  # user mistakes: the message says what to do
+        except (ValueError, TypeError, OSError) as err:  # user mistakes, unwritable paths: the message says
             print(f"fxquant {args.command}: error: {err}", file=sys.stderr)
             return 1
 
@@ -173,7 +173,46 @@ def _model_and_batches(args: argparse.Namespace, parser: argparse.ArgumentParser
         return _hf_model(args, parser)
     if args.gguf or args.calib:
         parser.error("--gguf and --calib go with --hf; a --factory function returns its own batches")
-    return _factory_model(args.factory, parser)
+    return _factory_model(args.factory, parser, _outputs(args))
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """The files a command writes, by flag."""
+    if args.command == "dump":
+        return {"-o": args.output}
+    if args.command == "quantize":
+        return {"--out": args.out, "--summary": args.summary}
+    return {}
+
+
+def _check_outputs(args: argparse.Namespace, inputs: dict[str, str | None]) -> None:
+    """Before any work: no output is an input or another output (the same file by any name: relative,
+    symlinked, hard-linked), and each output can be written, so no run ends in a traceback or
+    overwrites what it read. ``inputs`` maps a label ("--calib") to a path."""
+    from .files import check_writable
+
+    model_dir = getattr(args, "hf", None)
+    taken = {label: path for label, path in inputs.items() if path}
+    for flag, path in _outputs(args).items():
+        if not path:
+            continue
+        for label, other in taken.items():
+            if _same_file(path, other):
+                kind = "output" if label in _outputs(args) else "input"
+                raise ValueError(f"{flag} {path} is the same file as {label} {other}; writing it would overwrite "
+                                 f"that {kind}: choose another path")
+        in_model_dir = model_dir and _same_file(os.path.dirname(os.path.abspath(path)), model_dir)
+        if in_model_dir and os.path.exists(path) and not path.endswith(".pt2"):  # the loader reads DIR's files
+            raise ValueError(f"{flag} {path} would overwrite a file of the --hf model directory {model_dir}; "
+                             "write it elsewhere or under a new name")
+        check_writable(path, flag)
+        taken[flag] = path
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)  # hard links
 
 
 def _hf_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Any, list]:
@@ -207,7 +246,8 @@ def _hf_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     return model, batches
 
 
-def _factory_model(spec: str, parser: argparse.ArgumentParser) -> tuple[Any, list]:
+def _factory_model(spec: str, parser: argparse.ArgumentParser,
+                   outputs: dict[str, str | None]) -> tuple[Any, list]:
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         parser.error(f"--factory {spec!r}: expected MODULE:FUNCTION, e.g. my_models:build")
@@ -227,6 +267,11 @@ def _factory_model(spec: str, parser: argparse.ArgumentParser) -> tuple[Any, lis
     function = getattr(module, function_name, None)
     if not callable(function):
         parser.error(f"--factory {spec!r}: {module_name!r} has no function {function_name!r}")
+    source = getattr(module, "__file__", None)
+    for flag, path in outputs.items():  # known only once imported; still before the function runs
+        if path and source and _same_file(path, source):
+            raise ValueError(f"{flag} {path} is the same file as the --factory module {source}; writing it would "
+                             "overwrite that input: choose another path")
     result = function()
     import torch
 
@@ -242,10 +287,11 @@ def _factory_model(spec: str, parser: argparse.ArgumentParser) -> tuple[Any, lis
 
 def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = _config(args, parser)
-    if not Path(args.out).resolve().parent.is_dir():
-        parser.error(f"--out: directory not found: {Path(args.out).parent}")
+    gguf = str(Path(args.hf) / args.gguf) if args.hf and args.gguf else None
+    _check_outputs(args, {"--calib": args.calib, "--gguf": gguf})  # the --factory module: once imported
     model, batches = _model_and_batches(args, parser)
     from .api import quantize_graph
+    from .files import write_atomic
     from .passes.common import META
     from .serialize import save
 
@@ -253,7 +299,7 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     save(gm, args.out, batches[0])
     table = gm.meta[META]["plan"].table()
     if args.summary:
-        Path(args.summary).write_text(table + "\n", encoding="utf-8")
+        write_atomic(args.summary, lambda tmp: Path(tmp).write_text(table + "\n", encoding="utf-8"), "--summary")
     _say(args, table)
     _say(args, f"wrote {args.out}")
     return 0
@@ -274,6 +320,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _dump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not Path(args.model).is_file():
         parser.error(f"model file not found: {args.model}")
+    _check_outputs(args, {"the input model": args.model})
     from .dump import dump
     from .serialize import load
 

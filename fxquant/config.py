@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,9 @@ class QuantConfig:
 def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"QuantConfig.{name}={value!r} is invalid: use a regex string or a list of them, "
+                        f"e.g. {name}=[r'mlp\\.']")
     value = tuple(value)
     for pattern in value:
         _compile(name, pattern)
@@ -174,6 +177,8 @@ def _validate(c: QuantConfig, where: str) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _bad(where, name, value, "use a non-negative integer")
+    if c.seed >= 2**32:  # seeds torch generators as seed * 1_000_003 + index, which must fit in 64 bits
+        raise _bad(where, "seed", c.seed, "use an integer from 0 to 2**32 - 1")
     if c.calib_tokens < 1:
         raise _bad(where, "calib_tokens", c.calib_tokens, "keep at least one row, e.g. 2048")
     budget = c.calib_cache_gb

@@ -12,7 +12,6 @@ import io
 import math
 import os
 import re
-import secrets
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import fx, nn
 
 from . import ops
 from .capture import batch_to_call
+from .files import check_writable, write_atomic
 from .passes.common import META, copy_graph_module, fetch_attr, site_key
 from .plan import QuantPlan
 
@@ -44,8 +44,13 @@ def dump(gm: fx.GraphModule, path: str | os.PathLike | None = None, fmt: str = "
     Returns the text and, when ``path`` is given, writes it atomically. ``calib_batch`` (one loader
     batch: Tensor, tuple or dict) adds per-site SQNR columns to "table" and "html".
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"dump(gm=...) takes a GraphModule (as quantize_graph or fxquant.load return), got "
+                        f"{type(gm).__name__}; quantize the model first: dump(quantize_graph(model, loader))")
     if fmt not in FORMATS:
         raise ValueError(f"dump(fmt={fmt!r}) is not a format: use one of {FORMATS}")
+    if path is not None:  # before the SQNR runs and the rendering
+        check_writable(path, "dump path")
     if calib_batch is not None and fmt not in ("table", "html"):
         raise ValueError(f"calib_batch is used by fmt='table' and fmt='html' only, not fmt={fmt!r}; drop it")
     if fmt in ("code", "dot"):
@@ -339,16 +344,12 @@ def _html(gm: fx.GraphModule, plan: QuantPlan, sqnr: Sqnr | None) -> str:
 
 # --- writing -------------------------------------------------------------------------------------------
 def _write_atomic(path: str, text: str) -> None:
-    """Write a temp file beside ``path``, then os.replace: readers see the old file or the new one, whole."""
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")  # same directory: replace is atomic
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # "x": never clobber; the umask's usual permissions
+    """Write ``text`` to ``path`` whole (files.write_atomic: a replaced file keeps its mode)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, write, what="dump path")

@@ -86,6 +86,7 @@ def make_plan(gm: fx.GraphModule, config: QuantConfig) -> QuantPlan:
         plan.sites[name].calls += 1
         calls.setdefault(name, []).append(node)
     _warn_unmatched_overrides(config, list(plan.sites))
+    _check_group_sizes(plan)
     for members in _connected_groups(plan, calls):
         _add_group(plan, members, calls)
     return plan
@@ -106,6 +107,34 @@ def _warn_unmatched_overrides(config: QuantConfig, names: list[str]) -> None:
         if not any(re.search(pattern, n) for n in names):
             log.warning("QuantConfig.overrides[%r] matches no linear layer; layer names look like %s",
                         pattern, ", ".join(names[:3]) or "(none found)")
+
+
+def warn_nothing_quantized(plan: QuantPlan, config: QuantConfig) -> None:
+    """For a whole model (quantize_graph), not per torch.compile subgraph, where most have no linear."""
+    names = list(plan.sites)
+    for pattern in config.include:
+        if not any(re.search(pattern, n) for n in names):
+            log.warning("QuantConfig.include %r matches no linear layer; layer names look like %s",
+                        pattern, ", ".join(names[:3]) or "(none found)")
+    if not names:
+        log.warning("fxquant: the model has no linear layer (nn.Linear or F.linear), so nothing is quantized; "
+                    "the graph returned computes what the model does")
+    elif not plan.active_sites():
+        log.warning("fxquant: nothing is quantized: every linear layer is skipped (%s); check "
+                    "QuantConfig.include / exclude / overrides. Layer names look like %s",
+                    next(iter(plan.sites.values())).skip, ", ".join(names[:3]))
+
+
+def _check_group_sizes(plan: QuantPlan) -> None:
+    """Weight groups split each row into whole groups: checked here, before calibration runs."""
+    for site in plan.active_sites():
+        size = site.config.w_group_size
+        if site.config.w_quantized and size is not None and site.in_features % size:
+            divisors = [str(d) for d in range(2, min(site.in_features, 128) + 1) if site.in_features % d == 0][-3:]
+            raise ValueError(f"QuantConfig.w_group_size={size} does not divide the {site.in_features} input "
+                             f"features of layer {site.name!r}: use a divisor of {site.in_features} (e.g. "
+                             f"{', '.join(divisors)}), or set it for this layer with "
+                             f"overrides={{{site.name!r}: {{'w_group_size': None}}}}")
 
 
 def _connected_groups(plan: QuantPlan, calls: dict[str, list[fx.Node]]) -> list[list[str]]:

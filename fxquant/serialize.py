@@ -21,7 +21,7 @@ import json
 import os
 import re
 import sys
-import tempfile
+import warnings
 import zipfile
 import zlib
 from typing import Any
@@ -31,6 +31,7 @@ from torch import fx
 
 from .capture import batch_to_call, dynamic_dims
 from .config import QuantConfig
+from .files import check_writable, write_atomic
 from .passes.common import META, copy_graph_module
 from .passes.lower import pack_weights, unpack_weights
 from .plan import Group, QuantPlan, Site
@@ -47,7 +48,12 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: Any) -> No
     existing file is replaced only by a whole new one. Use a batch of at least 2 rows (and 2
     tokens): torch.export specializes a dim of size 1, and the saved graph keeps that.
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"save(gm=...) takes the GraphModule that quantize_graph returns, got {type(gm).__name__}; "
+                        "quantize the model first: save(quantize_graph(model, loader), path, batch)")
+    check_writable(path, "save path")  # before the export, which takes a while
     args, kwargs = batch_to_call(example_inputs)
+    _warn_size_one(args, kwargs)
     with torch.no_grad():
         program = torch.export.export(_export_form(gm), args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
                                       strict=False)
@@ -62,20 +68,17 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: Any) -> No
 
 
 def _write_atomic(path: str, write: Any) -> None:
-    """``write(tmp)`` into a private folder beside ``path`` (same file system, same file name, which
-    torch uses as the archive's root folder), then move the file into place."""
-    folder = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".fxquant-save-")
-    tmp = os.path.join(folder, os.path.basename(path))
-    try:
-        write(tmp)
-        umask = os.umask(0)  # mkdtemp is private; give the file the permissions open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        os.rmdir(folder)
+    """``write(tmp)`` then move into place: files.write_atomic (whole file, mode kept, errors name ``path``)."""
+    write_atomic(path, write, what="save path")
+
+
+def _warn_size_one(args: tuple, kwargs: dict) -> None:
+    """As capture warns: torch.export fixes a dim whose example size is 1, and the saved graph keeps it."""
+    shapes = [tuple(t.shape) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and 1 in t.shape]
+    if shapes:
+        warnings.warn(f"fxquant.save: example_inputs has a dim of size 1 (shapes {shapes}); torch.export fixes "
+                      "such a dim, so the saved graph accepts only size 1 there. If it varies at run time (batch, "
+                      "tokens), save with an example of at least 2 there.", stacklevel=3)
 
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
