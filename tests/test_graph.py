@@ -190,3 +190,35 @@ def test_static_scales_from_kept_inputs_match_a_second_pass(monkeypatch):
         torch.testing.assert_close(g.stats["act_scale"], other, rtol=2e-3, atol=0)
     x = batches[0]
     torch.testing.assert_close(kept(**x).logits, again(**x).logits, rtol=1e-2, atol=1e-2)
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two linears at a.<first> and <second>; a.b_c and a_b.c read the same once dots become underscores."""
+
+    def __init__(self, second: str = "a_b", first: str = "b_c") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.ModuleDict({first: torch.nn.Linear(64, 64)})
+        self.add_module(second, torch.nn.ModuleDict({"c": torch.nn.Linear(64, 64)}))
+        self.names = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.names[1])["c"](torch.relu(self.a[self.names[0]](x)))
+
+
+@torch.no_grad()
+def test_layers_whose_names_read_the_same_keep_their_own_constants():
+    model, data = _TwoLayers(), tensor_batches(2, (8, 64))
+    x = tensor_batches(1, (8, 64), seed=3)[0]
+    # 16 bits: transforms only, exact in float; a shared constant would make it wrong
+    exact = quantize_graph(model, data, dataclasses.replace(FAST, w_bits=16, a_bits=16))
+    torch.testing.assert_close(exact(x), model(x), rtol=1e-4, atol=1e-4)
+    # quantized: the same graph as for the same layers under names that do not collide
+    quantized = quantize_graph(model, data, FAST)
+    assert torch.equal(quantized(x), quantize_graph(_TwoLayers("d", "e"), data, FAST)(x))
+    # each layer's constants sit in a container of its own, named after it and tagged with it
+    owners = {}
+    for node in quantized.graph.nodes:
+        if node.meta.get(META, {}).get("role") == "constant":
+            owners.setdefault(node.meta[META]["owner"], set()).add(node.target.rsplit(".", 1)[0])
+    assert owners == {"a.b_c": {"fxquant.a_b_c"}, "a_b.c": {"fxquant.a_b_c_"}}, owners
