@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import batch_to_call, dynamic_dims
+from .capture import TORCH_LOCK, batch_to_call, dynamic_dims
 from .config import QuantConfig
 from .passes.common import META
 from .plan import Group, QuantPlan, Site
@@ -43,7 +43,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: Any) -> No
     tokens): torch.export specializes a dim of size 1, and the saved graph keeps that.
     """
     args, kwargs = batch_to_call(example_inputs)
-    with torch.no_grad():
+    with TORCH_LOCK, torch.no_grad():  # export traces: one thread at a time (capture.TORCH_LOCK)
         program = torch.export.export(_with_custom_meta(gm), args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
                                       strict=False)
     # no example inputs in the archive: torch.export.save would pickle them (torch.save)
