@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import new_thread_count
 from models import OutlierMLP, mlp, tensor_batches
 from torch import nn
 
@@ -23,17 +24,11 @@ class Branchy(nn.Module):
         return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
-def _new_thread_count() -> int:
-    """The torch thread count a new thread starts with (process-wide)."""
-    with ThreadPoolExecutor(1) as one:
-        return one.submit(torch.get_num_threads).result()
-
-
 @torch.no_grad()
 def test_concurrent_calls_give_the_sequential_results_and_leave_nothing_changed():
     models, data = [mlp(), OutlierMLP(64, 128, channels=(3, 40))], tensor_batches(2, (8, 64))
     x = tensor_batches(1, (8, 64), seed=3)[0]
-    threads, new_threads = torch.get_num_threads(), _new_thread_count()
+    threads, new_threads = torch.get_num_threads(), new_thread_count()
 
     def run(i: int) -> tuple:
         if i < 0:  # fails in capture, beside the others
@@ -53,7 +48,7 @@ def test_concurrent_calls_give_the_sequential_results_and_leave_nothing_changed(
         assert all(torch.equal(v, want_state[k]) for k, v in state.items()), f"call {i}: other constants"
         assert torch.equal(y, want_y), f"call {i}: other output"
     # nothing global left changed: thread counts, dispatch modes; the float models run plainly
-    assert torch.get_num_threads() == threads and _new_thread_count() == new_threads
+    assert torch.get_num_threads() == threads and new_thread_count() == new_threads
     assert torch._C._len_torch_dispatch_stack() == 0 and torch._guards.detect_fake_mode() is None
     for model in models:
         assert type(model(x)) is torch.Tensor
