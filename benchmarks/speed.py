@@ -73,24 +73,27 @@ def _compile(module: torch.nn.Module, freezing: bool = False) -> tuple[Any, Comp
     return call, counter
 
 
-def weight_bytes(gm: torch.nn.Module, sites: list[str]) -> int:
-    """Bytes the module holds for the quantized sites' weights (codes, scales, zeros, sums)."""
-    keys = {s.replace(".", "_") for s in sites}
-    return sum(v.numel() * v.element_size() for k, v in gm.state_dict().items()
-               if k.startswith("fxquant.") and k.split(".")[1] in keys and k.split(".")[2] != "act_scale"
-               and k.split(".")[2].startswith(("w", "weight")))
+def weight_targets(gm: torch.nn.Module) -> set[str]:
+    """The constants that hold quantized sites' weights (codes, scales, zeros, code sums; the
+    transformed float weight of a "fake" graph), found by the owner fxquant tags them with."""
+    sites = {s.name for s in gm.meta["fxquant"]["plan"].active_sites()}
+    return {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get("fxquant", {}).get("owner") in sites
+            and n.target.rsplit(".", 1)[-1].startswith("w")}
 
 
-def archive_weight_bytes(path: Path, sites: list[str]) -> int:
-    """Bytes of the .pt2's tensor members for the quantized sites (read from torch.export's weights
-    config: which member holds which buffer)."""
-    keys = {s.replace(".", "_") for s in sites}
+def weight_bytes(gm: torch.nn.Module) -> int:
+    state = gm.state_dict()
+    return sum(state[t].numel() * state[t].element_size() for t in weight_targets(gm))
+
+
+def archive_weight_bytes(path: Path, targets: set[str]) -> int:
+    """Bytes of the .pt2's tensor members that hold ``targets`` (4-bit ones are saved as <target>_packed),
+    read from torch.export's weights config: which member holds which buffer."""
     with zipfile.ZipFile(path) as archive:
         config = next(n for n in archive.namelist() if n.endswith("data/weights/model_weights_config.json"))
         entries = json.loads(archive.read(config))["config"]
-        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in archive.infolist()}
-    return sum(sizes[e["path_name"]] for name, e in entries.items()
-               if name.startswith("fxquant.") and name.split(".")[1] in keys and name.split(".")[2].startswith("w"))
+        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in archive.infolist() if "/data/weights/" in i.filename}
+    return sum(sizes[e["path_name"]] for name, e in entries.items() if name.removesuffix("_packed") in targets)
 
 
 RESIDENT = r"""
@@ -136,13 +139,12 @@ def main() -> None:
     for name, config in CONFIGS.items():
         t = time.perf_counter()
         gm = quantize_graph(model, calib, config)
-        sites = [s.name for s in gm.meta["fxquant"]["plan"].active_sites()]
         fp32_bytes = sum(4 * s.in_features * s.out_features for s in gm.meta["fxquant"]["plan"].active_sites())
         path = tmp / f"{len(variants)}.pt2"
         fxquant.save(gm, path, calib[0])
         rows[name] = {"quantize_s": time.perf_counter() - t, "weights_fp32_bytes": fp32_bytes,
-                      "weights_module_bytes": weight_bytes(gm, sites),
-                      "weights_pt2_bytes": archive_weight_bytes(path, sites),
+                      "weights_module_bytes": weight_bytes(gm),
+                      "weights_pt2_bytes": archive_weight_bytes(path, weight_targets(gm)),
                       "pt2_bytes": path.stat().st_size, "resident_mib": resident_mib(path, threads)}
         variants[name] = gm
         print(f"{name}: quantized in {rows[name]['quantize_s']:.1f} s", flush=True)

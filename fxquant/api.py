@@ -14,7 +14,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import solve
 from .calibrate import ActivationCache, InputStats, LoaderPasses, RangeStats, observed_copy, run_loader
-from .capture import batch_to_call, capture
+from .capture import batch_to_call, capture, pin_thread_count
 from .config import QuantConfig
 from .duquant import apply_to_weight
 from .passes.cleanup import DropUnusedConstants
@@ -37,6 +37,7 @@ def quantize_graph(model: nn.Module, calib_loader: Iterable[Any], config: QuantC
     structure, and is a pure function of its inputs and constants (ready for torch.compile).
     With ``dry_run=True`` returns the QuantPlan and rewrites nothing.
     """
+    pin_thread_count()  # before any torch op of this call: see its docstring
     config = _checked_arguments(model, calib_loader, config)
     loader = _reiterable(calib_loader)
     first = example_inputs if example_inputs is not None else _first_batch(loader)
@@ -76,6 +77,7 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
 
     ``calib_loader`` yields batches for ``gm`` itself (Tensor, tuple or dict, as for quantize_graph).
     """
+    pin_thread_count()
     loader = _reiterable(calib_loader)
     gm = _run([Normalize()], gm)
     plan = make_plan(gm, config)

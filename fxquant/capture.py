@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import itertools
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.export import Dim
+
+# torch.export and symbolic_trace install process-wide state while they trace (dispatch modes,
+# patched functions), and torch.set_num_threads sets the count every new thread starts with:
+# two threads doing either at once break each other. Every fxquant call does them under this lock.
+TORCH_LOCK = threading.RLock()
 
 
 def batch_to_call(batch: Any) -> tuple[tuple, dict]:
@@ -29,16 +38,19 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "export")
 
     "export": torch.export non-strict, every dim of every tensor input dynamic except those
     the model specializes (so any batch size and sequence length serve). "symbolic_trace":
-    torch.fx.symbolic_trace, for models written to be traceable.
+    torch.fx.symbolic_trace, for models written to be traceable. Either way the graph is the
+    model in eval mode (no dropout, batch norm on running statistics), as torch.onnx.export does
+    by default; the model's own train/eval flags are left as they were.
     """
     if isinstance(model, torch.fx.GraphModule) and _is_fxquant_graph(model):
         raise ValueError("this model is already a graph rewritten by fxquant.quantize_graph; "
                          "quantize the original float model instead")
-    with _no_kv_cache(model), torch.no_grad():
+    with TORCH_LOCK, _eval_mode(model), _no_kv_cache(model), torch.no_grad():
         try:
             if method == "symbolic_trace":
-                return torch.fx.symbolic_trace(model)
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
+                return _own_eval_modules(torch.fx.symbolic_trace(model))
+            named = _named_call(model, args, kwargs)
+            program = torch.export.export(named, args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs, named),
                                           strict=False)
             _warn_size_one(args, kwargs)
             return program.module()
@@ -52,15 +64,28 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "export")
             ) from err
 
 
-def dynamic_dims(args: tuple, kwargs: dict) -> list:
+def pin_thread_count() -> int:
+    """This thread's torch thread count, fixed now. torch gives a thread the process-wide count on
+    its first parallel op; read under the lock, that is never the 1 a concurrent solve sets for
+    its workers (solve.solve_transforms), so results do not depend on what runs beside."""
+    with TORCH_LOCK:
+        return torch.get_num_threads()
+
+
+def dynamic_dims(args: tuple, kwargs: dict, fn: Callable[..., Any] | None = None) -> list | dict:
     """torch.export dynamic_shapes: every dim of every tensor input Dim.AUTO (export keeps the
-    dims the model specializes static); one entry per positional, then per keyword argument."""
+    dims the model specializes static). With ``fn`` (the model), one entry per parameter of its
+    forward that the call binds, as export matches them: ``*xs`` gets a tuple, ``**kwargs`` a
+    dict. Without, one entry per positional, then per keyword argument."""
 
     def auto(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return {i: Dim.AUTO for i in range(value.dim())} if value.dim() else None
         return None
 
+    if fn is not None:
+        bound = inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).bind(*args, **kwargs)
+        return {name: torch.utils._pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
     return [torch.utils._pytree.tree_map(auto, value) for value in list(args) + list(kwargs.values())]
 
 
@@ -77,6 +102,55 @@ def _warn_size_one(args: tuple, kwargs: dict) -> None:
                               f"{tuple(tensor.shape)}; torch.export fixes such a dim, so the graph accepts only "
                               "size 1 there. If it varies at run time (batch, tokens), capture from a batch with "
                               "at least 2 there (example_inputs= or the loader's first batch).", stacklevel=4)
+
+
+def _named_call(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
+    """The module to export for this call. torch.export cannot give dynamic shapes to what a
+    ``forward(..., **kwargs)`` receives (pytorch/pytorch#150022); then a stand-in whose forward
+    names those arguments (``forward(x, *, mask)`` for ``forward(x, **kwargs)`` called with
+    ``mask=``) and calls the model. It holds the model's own submodules, parameters and buffers,
+    so the graph's constants keep their names."""
+    signature = inspect.signature(model.forward)
+    var_keyword = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    extra = signature.bind(*args, **kwargs).arguments.get(var_keyword[0].name, {}) if var_keyword else {}
+    if not extra:
+        return model
+    parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
+
+    forward.__signature__ = signature.replace(parameters=parameters)  # what export binds the call to
+    named = nn.Module()
+    named._modules, named._parameters, named._buffers = model._modules, model._parameters, model._buffers
+    named._non_persistent_buffers_set = model._non_persistent_buffers_set
+    named.forward = forward
+    named.training = model.training
+    return named
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode while it is traced, then every module's own flag back."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _own_eval_modules(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """symbolic_trace keeps torch.nn layers (Dropout, BatchNorm) as calls of the model's own
+    modules, which would follow the model's train/eval flag at run time: the graph gets its own
+    copies in eval mode instead, sharing the model's tensors."""
+    for target in {node.target for node in gm.graph.nodes if node.op == "call_module"}:
+        module = gm.get_submodule(target)
+        shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+        gm.set_submodule(target, copy.deepcopy(module, shared).eval())
+    return gm
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from torch import fx, nn
 from . import ops
 from .capture import batch_to_call
 from .files import check_writable, write_atomic
-from .passes.common import META, copy_graph_module, fetch_attr, site_key
+from .passes.common import META, copy_graph_module, fetch_attr
 from .plan import QuantPlan
 
 FORMATS = ("code", "table", "dot", "html")
@@ -82,11 +82,10 @@ def _step(info: dict) -> str:
     return info.get("target", "?").rsplit(".", 1)[-1] if role == "constant" else role
 
 
-def _owner(info: dict, owners: dict[str, str]) -> str:
+def _owner(info: dict) -> str:
     """The group (transform chain) or layer (linear, weight) a node belongs to."""
-    if info.get("role") == "constant":  # target "fxquant.<owner key>.<name>"
-        key = (info.get("target", "").split(".") + ["?"])[1]
-        return owners.get(key, key)
+    if info.get("role") == "constant":  # its owner, or the key of target "fxquant.<owner key>.<name>"
+        return info.get("owner") or (info.get("target", "").split(".") + ["?"])[1]
     if info.get("role") in ("smooth", "rotate", "permute", "rotate2", "quantize"):
         return info.get("group", "?")
     return info.get("site", info.get("group", "?"))
@@ -99,16 +98,13 @@ def _annotated_lines(gm: fx.GraphModule) -> list[tuple[str, str | None]]:
     torch's private ``_lineno_map`` is off by the blank lines its codegen strips (torch 2.13).
     Returns (line, None) for code and (comment, role of its first node) for comments.
     """
-    plan = gm.meta.get(META, {}).get("plan")
-    owners = {} if plan is None else {site_key(s): s for s in plan.sites} | {g.key: g.name
-                                                                            for g in plan.groups.values()}
     by_name = {n.name: n for n in gm.graph.nodes}
     out: list[tuple[str, str | None]] = []
     last, head, prefix, steps = None, 0, "", []
     for line in gm.code.split("\n"):
         match = re.match(r"\s*([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)", line)
         info = by_name[match.group(1)].meta.get(META) if match and match.group(1) in by_name else None
-        key = (_owner(info, owners), info.get("role") == "constant") if info else None
+        key = (_owner(info), info.get("role") == "constant") if info else None
         if key is not None:
             if key != last:  # a new run: its comment goes first and lists the steps as they come
                 indent = line[: len(line) - len(line.lstrip())]

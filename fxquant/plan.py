@@ -50,10 +50,6 @@ class Group:
     note: str = ""
     stats: dict = field(default_factory=dict)  # calibration summary, for the plan and the dump
 
-    @property
-    def key(self) -> str:
-        return re.sub(r"[^0-9A-Za-z_]", "_", self.name)
-
 
 @dataclass
 class QuantPlan:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import batch_to_call, dynamic_dims
+from .capture import TORCH_LOCK, batch_to_call, dynamic_dims
 from .config import QuantConfig
 from .files import check_writable, write_atomic
 from .passes.common import META, copy_graph_module
@@ -54,7 +54,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: Any) -> No
     check_writable(path, "save path")  # before the export, which takes a while
     args, kwargs = batch_to_call(example_inputs)
     _warn_size_one(args, kwargs)
-    with torch.no_grad():
+    with TORCH_LOCK, torch.no_grad():  # export traces: one thread at a time (capture.TORCH_LOCK)
         program = torch.export.export(_export_form(gm), args, kwargs, dynamic_shapes=dynamic_dims(args, kwargs),
                                       strict=False)
     # no example inputs in the archive: torch.export.save would pickle them (torch.save)

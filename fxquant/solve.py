@@ -7,11 +7,14 @@ rewrite, one function per kind of constant.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from .calibrate import InputStats, RangeStats, progress
+from .capture import TORCH_LOCK
 from .config import QuantConfig
 from .duquant import GroupSample, Transform, apply_to_activation, build_transforms, transform_gram
 from .plan import Group, QuantPlan
@@ -41,19 +44,29 @@ def solve_transforms(groups: list[Group], inputs: dict[str, InputStats],
     seeded generator, and every float64 product the search decides on runs on one thread).
     """
     samples = [group_sample(g, inputs[g.name], [weights[s] for s in g.sites], i) for i, g in enumerate(groups)]
-    threads = torch.get_num_threads()
-    batches = _lockstep_batches(samples, threads)
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            done = list(progress(pool.map(lambda batch: build_transforms([samples[i] for i in batch]), batches),
-                                 "fxquant solve", unit="batch", total=len(batches)))
-            found = {groups[i].name: t for batch, ts in zip(batches, done, strict=True)
-                     for i, t in zip(batch, ts, strict=True)}
-            list(pool.map(lambda g: _record_effect(g, inputs[g.name], found[g.name]), groups))
-    finally:
-        torch.set_num_threads(threads)
+    # torch.set_num_threads sets the calling thread's count and the one every new thread starts
+    # with, process-wide. The workers set their own; the process-wide count is put back from a
+    # thread of its own (this one's count is never touched), all under the lock, so no other
+    # fxquant call starts a thread while it is 1.
+    with TORCH_LOCK:
+        start = _on_new_thread(torch.get_num_threads)  # what a new thread starts with
+        threads = torch.get_num_threads()
+        batches = _lockstep_batches(samples, threads)
+        try:
+            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                done = list(progress(pool.map(lambda batch: build_transforms([samples[i] for i in batch]), batches),
+                                     "fxquant solve", unit="batch", total=len(batches)))
+                found = {groups[i].name: t for batch, ts in zip(batches, done, strict=True)
+                         for i, t in zip(batch, ts, strict=True)}
+                list(pool.map(lambda g: _record_effect(g, inputs[g.name], found[g.name]), groups))
+        finally:
+            _on_new_thread(lambda: torch.set_num_threads(start))
     return found
+
+
+def _on_new_thread(fn: Callable[[], Any]) -> Any:
+    with ThreadPoolExecutor(1) as one:
+        return one.submit(fn).result()
 
 
 _LOCKSTEP_BYTES = 1 << 28  # float64 sample rows per lockstep batch (a batch holds ~3x this in all)

@@ -102,7 +102,6 @@ def test_plan_dry_run_prints_the_plan_and_writes_nothing(hf_dir, tmp_path, monke
 
 
 def test_dump_html_of_a_saved_graph(tmp_path, capsys):
-    pytest.importorskip("fxquant.dump", reason="fxquant/dump.py (issue 4 part 2) is not in this checkout yet")
     data = tensor_batches(2)
     save(quantize_graph(mlp(), data, CONFIG), tmp_path / "mlp.pt2", data[0])
     report = tmp_path / "report.html"

@@ -12,7 +12,7 @@ from models import mlp, tensor_batches, tiny_llama, token_batches
 
 from fxquant import QuantConfig, dump, quantize_graph
 from fxquant.dump import plan_table
-from fxquant.passes.common import META, site_key
+from fxquant.passes.common import META
 
 FAST = QuantConfig(rotation_steps=16, block_size=16)
 dump_module = importlib.import_module("fxquant.dump")  # fxquant.dump, the attribute, is the function
@@ -41,14 +41,14 @@ def test_code_puts_a_comment_naming_layer_and_step_before_every_inserted_node(ll
     # the code is gm.code plus comment lines, nothing else
     assert [line for line in lines if not line.lstrip().startswith("# fxquant")] == llama.code.split("\n")
     plan = llama.meta[META]["plan"]
-    owners = {site_key(s): s for s in plan.sites} | {g.key: g.name for g in plan.groups.values()}
     for node in _inserted(llama):
         info = node.meta[META]
         index = next(i for i, line in enumerate(lines) if re.match(rf"\s*{node.name} = ", line))
         comment = next(line for line in reversed(lines[:index]) if line.lstrip().startswith("#"))
-        if info["role"] == "constant":  # target fxquant.<owner key>.<name>
-            _, key, step = info["target"].split(".")
-            owner = f"constants of {owners[key]}"
+        if info["role"] == "constant":  # target fxquant.<owner key>.<name>, owner the layer or group name
+            step = info["target"].rsplit(".", 1)[1]
+            owner = f"constants of {info['owner']}"
+            assert info["owner"] in plan.sites or info["owner"] in plan.groups
         else:
             step = info["role"]
             owner = info["site"] if info["role"] in ("linear", "unpack", "dequantize") else info["group"]
@@ -105,8 +105,9 @@ def test_sqnr_against_a_kept_float_weight_and_float_activations():
     data = tensor_batches(2, (8, 64))
     gm = quantize_graph(mlp(), data, FAST)
     plan = gm.meta[META]["plan"]
-    for name in plan.sites:  # a stand-in float weight: the quantized one, so both columns must agree
-        plan.sites[name].stats["weight_float"] = gm.get_buffer(f"fxquant.{site_key(name)}.weight")
+    for node in gm.graph.nodes:  # a stand-in float weight: the quantized one, so both columns must agree
+        if node.meta.get(META, {}).get("role") == "linear":
+            plan.sites[node.meta[META]["site"]].stats["weight_float"] = gm.get_buffer(node.args[1].target)
     sqnr = dump_module.site_sqnr(gm, data[0])
     assert all(a == pytest.approx(wa) and math.isfinite(a) for a, wa in sqnr.values()), sqnr
     # without activation quantization the site output equals its x-float reference exactly

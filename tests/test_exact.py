@@ -4,15 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import relative_error
 from models import FlowLoop, FunctionalAttention, mlp, tensor_batches, tiny_bert, tiny_gemma, tiny_llama, token_batches
 
 from fxquant import QuantConfig, quantize_graph
 
 EXACT = QuantConfig(w_bits=16, a_bits=16, smooth_alpha=0.6, rotation_steps=32, block_size=16)
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).norm() / want.norm())
 
 
 CASES = {
@@ -50,5 +47,5 @@ def test_transform_only_graph_equals_model(case):
         with torch.no_grad():
             want, got = (_call(f, batch) for f in (model, gm))
         assert type(got) is type(want)
-        err = _relative_error(_output(got), _output(want))
+        err = relative_error(_output(got), _output(want))
         assert err < 1e-5, f"{case}: relative error {err:.2e} >= 1e-5"

@@ -3,7 +3,8 @@
 import dataclasses
 
 import torch
-from models import FlowLoop, tensor_batches, tiny_llama, token_batches
+from conftest import op_counts, sqnr
+from models import FlowLoop, mlp, tensor_batches, tiny_llama, token_batches
 
 from fxquant import QuantConfig, quantize_graph
 from fxquant.passes.cleanup import DropUnusedConstants
@@ -121,22 +122,16 @@ def test_bfloat16_model_keeps_its_dtype_and_float32_rotations():
     ids = token_batches(1, seed=5)[0]
     with torch.no_grad():
         got = gm(**ids).logits
-        bf16 = _sqnr(got.float(), model(**ids).logits.float())
-        fp32 = _sqnr(fp32_gm(**ids).logits, fp32_model(**ids).logits)
+        bf16 = sqnr(got.float(), model(**ids).logits.float())
+        fp32 = sqnr(fp32_gm(**ids).logits, fp32_model(**ids).logits)
     assert got.dtype == torch.bfloat16
     # quantization costs the bf16 model about what it costs the fp32 one
     assert bf16 > fp32 - 3, f"SQNR vs own float model: bf16 {bf16:.1f} dB, fp32 {fp32:.1f} dB"
 
 
-def _sqnr(got, want):
-    return float(10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()))
-
-
 def test_calibration_copy_stops_at_the_last_observer():
     """What runs after the last observed activation (an LLM's vocabulary projection) is cut from
     the calibration copy; the statistics are those of the full graph."""
-    from models import mlp
-
     from fxquant.calibrate import InputStats, observed_copy
     from fxquant.capture import capture
 
@@ -190,3 +185,56 @@ def test_static_scales_from_kept_inputs_match_a_second_pass(monkeypatch):
         torch.testing.assert_close(g.stats["act_scale"], other, rtol=2e-3, atol=0)
     x = batches[0]
     torch.testing.assert_close(kept(**x).logits, again(**x).logits, rtol=1e-2, atol=1e-2)
+
+
+class _TwoLayers(torch.nn.Module):
+    """Two linears at a.<first> and <second>; a.b_c and a_b.c read the same once dots become underscores."""
+
+    def __init__(self, second: str = "a_b", first: str = "b_c") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.ModuleDict({first: torch.nn.Linear(64, 64)})
+        self.add_module(second, torch.nn.ModuleDict({"c": torch.nn.Linear(64, 64)}))
+        self.names = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.names[1])["c"](torch.relu(self.a[self.names[0]](x)))
+
+
+@torch.no_grad()
+def test_layers_whose_names_read_the_same_keep_their_own_constants():
+    model, data = _TwoLayers(), tensor_batches(2, (8, 64))
+    x = tensor_batches(1, (8, 64), seed=3)[0]
+    # 16 bits: transforms only, exact in float; a shared constant would make it wrong
+    exact = quantize_graph(model, data, dataclasses.replace(FAST, w_bits=16, a_bits=16))
+    torch.testing.assert_close(exact(x), model(x), rtol=1e-4, atol=1e-4)
+    # quantized: the same graph as for the same layers under names that do not collide
+    quantized = quantize_graph(model, data, FAST)
+    assert torch.equal(quantized(x), quantize_graph(_TwoLayers("d", "e"), data, FAST)(x))
+    # each layer's constants sit in a container of its own, named after it and tagged with it
+    owners = {}
+    for node in quantized.graph.nodes:
+        if node.meta.get(META, {}).get("role") == "constant":
+            owners.setdefault(node.meta[META]["owner"], set()).add(node.target.rsplit(".", 1)[0])
+    assert owners == {"a.b_c": {"fxquant.a_b_c"}, "a_b.c": {"fxquant.a_b_c_"}}, owners
+
+
+def test_rewritten_graphs_have_exactly_the_expected_nodes():
+    """Per-op node counts of two small rewritten graphs (smoothing only: no rotation to find)."""
+    gm = quantize_graph(mlp(), tensor_batches(2, (8, 64)), QuantConfig(rotation_steps=0, weight_format="packed"))
+    assert op_counts(gm) == {
+        "placeholder": 1, "output": 1, "call_module": 1,  # the input, the output, export's guard
+        "aten.linear.default": 2, "aten.relu.default": 1,  # the model's own ops
+        "torch.mul": 2, "fxquant.ops.fake_quant_static": 2,  # per group input: smooth, quantize
+        "fxquant.ops.unpack_int4": 2, "fxquant.ops.dequantize_weight": 2,  # per weight
+        "get_attr": 10,  # per group inv_smooth, act_scale; per weight w_packed, w_scale; 2 biases
+    }
+    # a loop: 3 calls of the expert read one set of constants; each call's input gets its own transform
+    gm = quantize_graph(FlowLoop(steps=3), tensor_batches(2, (4, 64)), QuantConfig(rotation_steps=0))
+    assert op_counts(gm) == {
+        "placeholder": 1, "output": 1, "call_module": 1,
+        "aten.linear.default": 7, "aten.gelu.default": 3, "aten.add.Tensor": 6, "aten.mul.Tensor": 3,
+        "aten.zeros_like.default": 1,
+        "torch.mul": 7, "fxquant.ops.fake_quant_static": 7,  # encoder once, 2 expert layers x 3 calls
+        "get_attr": 12,  # 3 layers x (weight, bias, inv_smooth, act_scale)
+    }

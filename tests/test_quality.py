@@ -1,6 +1,7 @@
 """Tests 4 and 5: DuQuant beats round-to-nearest on outlier activations; every batch counts."""
 
 import torch
+from conftest import sqnr
 from models import OutlierMLP, mlp, tensor_batches
 
 from fxquant import QuantConfig, quantize_graph
@@ -11,18 +12,14 @@ RTN = QuantConfig(smooth_alpha=None, rotation_steps=0, permute=False, w_clip="mi
 DUQUANT = QuantConfig(w_clip="minmax", w_method="rtn")
 
 
-def _sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean()))
-
-
 def test_duquant_w4a8_beats_rtn_on_outlier_channels():
     model = OutlierMLP()
     calib = tensor_batches(8, (64, 128), seed=0)
     held_out = torch.cat(tensor_batches(4, (64, 128), seed=1))
     with torch.no_grad():
         want = model(held_out)
-        rtn = _sqnr(quantize_graph(model, calib, RTN)(held_out), want)
-        duq = _sqnr(quantize_graph(model, calib, DUQUANT)(held_out), want)
+        rtn = sqnr(quantize_graph(model, calib, RTN)(held_out), want)
+        duq = sqnr(quantize_graph(model, calib, DUQUANT)(held_out), want)
     # measured (torch 2.13 CPU): RTN 12.7 dB, DuQuant 20.0 dB (W4 per-channel minmax, A8 static per-tensor)
     assert duq > rtn + 5.0, f"DuQuant SQNR {duq:.1f} dB vs RTN {rtn:.1f} dB"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,29 +26,54 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return value
 
 
-def site_key(name: str) -> str:
-    """A readable, attribute-safe key for a layer name (dots become underscores)."""
-    return name.replace(".", "_")
-
-
 def set_constant(gm: fx.GraphModule, owner: str, name: str, value: torch.Tensor,
                  dtype: torch.dtype | None = None) -> str:
-    """Register ``value`` as buffer ``fxquant.<owner>.<name>`` and return that get_attr target.
+    """Register a copy of ``value`` as constant ``name`` of ``owner`` (a layer or group name) and
+    return its get_attr target, ``fxquant.<owner made attribute-safe>.<name>`` unless taken.
 
-    The buffer goes on the device of the module's other tensors; a float value is cast to
-    ``dtype`` when given (the model's dtype; rotations stay float32, see ops.block_rotate).
+    Every constant the passes add goes through here and add_constant, so two layers whose names
+    read the same once made safe (``a.b_c`` and ``a_b.c``) get two containers and nothing is
+    overwritten. The buffer goes on the device of the module's other tensors; a float value is
+    cast to ``dtype`` when given (the model's dtype; rotations stay float32, see ops.block_rotate).
     """
     like = next(iter(gm.state_dict().values()), None)
     value = value.to(device=like.device if like is not None else None)
     if dtype is not None and value.is_floating_point():
         value = value.to(dtype)
-    if not hasattr(gm, ROOT):
-        gm.add_submodule(ROOT, nn.Module())
-    root = getattr(gm, ROOT)
-    if not hasattr(root, owner):
-        root.add_module(owner, nn.Module())
-    getattr(root, owner).register_buffer(name, value.detach().clone().contiguous())
-    return f"{ROOT}.{owner}.{name}"
+    return add_constant(gm, [ROOT, owner, name], value.detach().clone().contiguous())
+
+
+def add_constant(module: nn.Module, path: list[str], value: torch.Tensor) -> str:
+    """Register ``value`` as a buffer at ``path`` under ``module``, making containers as needed,
+    and return the dotted target: the one place fxquant adds a tensor to a module.
+
+    Each atom is made attribute-safe (``a.b-c`` -> ``a_b_c``). A container made here for the same
+    atom is reused; any other name already taken (a layer of the model, an nn.Module attribute, a
+    container made for an atom that reads the same once safe, an earlier constant) gets ``_``
+    appended until free, so nothing is ever overwritten.
+    """
+    names = []
+    for atom in path[:-1]:
+        name = _free_name(module, atom, reuse=lambda obj, atom=atom: getattr(obj, _MADE_FOR, None) == atom)
+        if not hasattr(module, name):
+            container = nn.Module()
+            setattr(container, _MADE_FOR, atom)
+            module.add_module(name, container)
+        module = getattr(module, name)
+        names.append(name)
+    leaf = _free_name(module, path[-1])
+    module.register_buffer(leaf, value)
+    return ".".join(names + [leaf])
+
+
+_MADE_FOR = "_fxquant_atom"  # on containers add_constant made: the atom it made them for
+
+
+def _free_name(module: nn.Module, atom: str, reuse: Callable[[Any], bool] = lambda obj: False) -> str:
+    name = re.sub(r"\W", "_", atom)
+    while hasattr(module, name) and not reuse(getattr(module, name)):
+        name += "_"
+    return name
 
 
 def get_constant(gm: fx.GraphModule, target: str) -> fx.Node:
@@ -60,7 +87,9 @@ def get_constant(gm: fx.GraphModule, target: str) -> fx.Node:
             return node
     with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
         node = gm.graph.get_attr(target)
-    node.meta[META] = {"role": "constant", "target": target}
+    # the layer or group the constant belongs to, from the container set_constant made for it
+    owner = getattr(fetch_attr(gm, target.rpartition(".")[0]) if "." in target else gm, _MADE_FOR, None)
+    node.meta[META] = {"role": "constant", "target": target, **({"owner": owner} if owner else {})}
     return node
 
 

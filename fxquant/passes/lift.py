@@ -19,10 +19,10 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .common import finish
+from .common import add_constant, finish
 
 # One step of a Dynamo source name: ._modules['a'] / ._parameters['w'] / ._buffers['b'], .attr, ['key'] or [0]
 _STEP = re.compile(r"\._(?:modules|parameters|buffers)\[(['\"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(['\"]?)(.+?)\4\]")
@@ -46,7 +46,7 @@ class LiftConstants(PassBase):
     """Replace the named placeholders by get_attr nodes of registered buffers.
 
     ``constants`` maps a placeholder's name to (wanted dotted target, tensor). A target that is
-    taken by something else gets a ``_`` suffix on the clashing atom.
+    taken by something else gets a ``_`` suffix on the clashing atom (common.add_constant).
     """
 
     def __init__(self, constants: dict[str, tuple[str, torch.Tensor]]) -> None:
@@ -62,7 +62,8 @@ class LiftConstants(PassBase):
         for node in lifted:
             wanted, value = self.constants[node.name]
             with gm.graph.inserting_before(anchor):
-                attr = gm.graph.get_attr(_register(gm, wanted, value))
+                # detach: a graph constant, never a trainable parameter; shares storage with the model
+                attr = gm.graph.get_attr(add_constant(gm, wanted.split("."), value.detach()))
             # keep what later consumers read (fake values, shapes); drop Dynamo's input bookkeeping
             attr.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val", "tensor_meta")}
             node.replace_all_uses_with(attr)
@@ -70,28 +71,3 @@ class LiftConstants(PassBase):
             gm.graph.erase_node(node)
         finish(gm)
         return PassResult(gm, True)
-
-
-def _register(gm: fx.GraphModule, wanted: str, value: torch.Tensor) -> str:
-    """Register ``value`` as a buffer at ``wanted`` (creating containers), renaming on clashes."""
-    owner: nn.Module = gm
-    atoms = wanted.split(".")
-    path = []
-    for atom in atoms[:-1]:
-        while hasattr(owner, atom) and not _is_container(getattr(owner, atom)):
-            atom += "_"
-        if not hasattr(owner, atom):
-            owner.add_module(atom, nn.Module())
-        owner = getattr(owner, atom)
-        path.append(atom)
-    leaf = atoms[-1]
-    while hasattr(owner, leaf):
-        leaf += "_"
-    # detach: a constant of the graph, never a trainable parameter; shares storage with the model
-    owner.register_buffer(leaf, value.detach())
-    return ".".join(path + [leaf])
-
-
-def _is_container(obj: object) -> bool:
-    """A module this pass created to hold constants (plain nn.Module, no forward of its own)."""
-    return type(obj) is nn.Module

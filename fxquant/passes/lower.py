@@ -23,7 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import ops
 from ..plan import QuantPlan
 from ..quant import QuantizedWeight, pack_int4
-from .common import META, fetch_attr, finish, get_constant, is_linear, set_constant, site_key, tag
+from .common import META, fetch_attr, finish, get_constant, is_linear, set_constant, tag
 
 # fake quantizer -> (integer quantizer, how many outputs it returns)
 _INTEGER_QUANTIZER = {ops.fake_quant_static: (ops.quantize_static_int8, 1),
@@ -91,7 +91,6 @@ def _integer_quantizer(gm: fx.GraphModule, fake: fx.Node) -> tuple[fx.Node, ...]
 def _replace_linear(gm: fx.GraphModule, linear: fx.Node, x: tuple[fx.Node, ...], qw: QuantizedWeight,
                     plan: QuantPlan) -> None:
     site = plan.sites[linear.meta[META]["site"]]
-    key = site_key(site.name)
     codes, w_zero = int_weight(qw)
     scale = qw.scale.t().double()  # (groups, out)
     static = len(x) == 1
@@ -102,7 +101,7 @@ def _replace_linear(gm: fx.GraphModule, linear: fx.Node, x: tuple[fx.Node, ...],
         constant["w_zero"] = w_zero
     if len(x) == 3:  # asymmetric activations: the zero point times each group's weight code sum
         constant["w_colsum"] = codes.view(codes.shape[0], scale.shape[0], -1).sum(-1, dtype=torch.int32).t()
-    nodes = {name: get_constant(gm, set_constant(gm, key, name, value)) for name, value in constant.items()}
+    nodes = {name: get_constant(gm, set_constant(gm, site.name, name, value)) for name, value in constant.items()}
     bias = linear.args[2] if len(linear.args) > 2 else None
     args = (x[0], nodes["w_int8"], nodes["w_rescale"], bias, site.dtype,
             None if static else x[1], x[2] if len(x) == 3 else None, nodes.get("w_colsum"), nodes.get("w_zero"))
@@ -131,7 +130,8 @@ def pack_weights(gm: fx.GraphModule) -> None:
         if codes.shape[1] % 2:
             continue  # an odd width has no whole byte for its last column: stored as int8
         owner, name = weight.target.rsplit(".", 1)
-        fetch_attr(gm, owner).register_buffer(f"{name}_packed", pack_int4(codes))
+        # beside the codes, under the name unpack_weights strips again (so it keeps readable names)
+        _register_new(fetch_attr(gm, owner), f"{name}_packed", pack_int4(codes))
         with gm.graph.inserting_before(linear):
             packed = gm.graph.get_attr(f"{weight.target}_packed")
             unpacked = gm.graph.call_function(UNPACK, (packed,))
@@ -153,7 +153,7 @@ def unpack_weights(gm: fx.GraphModule) -> None:
         owner, name = packed.target.rsplit(".", 1)
         container = fetch_attr(gm, owner)
         target = name.removesuffix("_packed")
-        container.register_buffer(target, ops.unpack_int4(fetch_attr(gm, packed.target), signed=True))
+        _register_new(container, target, ops.unpack_int4(fetch_attr(gm, packed.target), signed=True))
         with gm.graph.inserting_before(node):
             codes = gm.graph.get_attr(f"{owner}.{target}")
         codes.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
@@ -163,3 +163,11 @@ def unpack_weights(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(packed)
             delattr(container, name)
     finish(gm)
+
+
+def _register_new(container: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """register_buffer that never overwrites: pack/unpack swap one constant for its other form
+    under a name derived from it, which add_constant's renaming would make unreadable."""
+    if hasattr(container, name):
+        raise RuntimeError(f"cannot store {name!r}: the name is taken in {type(container).__name__}")
+    container.register_buffer(name, value)

@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import ops
 from ..plan import QuantPlan
 from ..quant import QuantizedWeight, dequantize_weight, pack_int4
-from .common import META, finish, get_constant, is_linear, set_constant, site_key, tag
+from .common import META, finish, get_constant, is_linear, set_constant, tag
 
 
 def _group_linears(gm: fx.GraphModule, group: str, flag: str) -> dict[fx.Node, list[fx.Node]]:
@@ -47,7 +47,7 @@ class QuantizeActivations(PassBase):
             qmax = 2 ** (c.a_bits - 1) - 1
             scale = None
             if c.a_granularity != "token":
-                scale = get_constant(gm, set_constant(gm, group.key, "act_scale", self.scales[group.name],
+                scale = get_constant(gm, set_constant(gm, group.name, "act_scale", self.scales[group.name],
                                                       dtype=group.dtype))
             if scale is not None:
                 fn, args = ops.fake_quant_static, (scale, qmax)
@@ -75,15 +75,15 @@ class QuantizeWeights(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for name, qw in self.weights.items():
-            key, dtype = site_key(name), self.plan.sites[name].dtype
+            dtype = self.plan.sites[name].dtype
             linears = [n for nodes in _group_linears(gm, self.plan.sites[name].group, "w_bits").values()
                        for n in nodes if n.meta[META]["site"] == name]
             if not linears:
                 continue
             if self.weight_format == "fake":
-                weight = get_constant(gm, set_constant(gm, key, "weight", dequantize_weight(qw), dtype=dtype))
+                weight = get_constant(gm, set_constant(gm, name, "weight", dequantize_weight(qw), dtype=dtype))
             else:
-                weight = _packed_weight(gm, key, name, qw, dtype, before=linears[0])
+                weight = _packed_weight(gm, name, qw, dtype, before=linears[0])
             for linear in linears:
                 linear.args = (linear.args[0], weight, *linear.args[2:])
                 linear.meta[META]["w_bits"] = qw.bits
@@ -93,20 +93,20 @@ class QuantizeWeights(PassBase):
         return PassResult(gm, modified)
 
 
-def _packed_weight(gm: fx.GraphModule, key: str, name: str, qw: QuantizedWeight, dtype: torch.dtype,
+def _packed_weight(gm: fx.GraphModule, name: str, qw: QuantizedWeight, dtype: torch.dtype,
                    before: fx.Node) -> fx.Node:
     signed = qw.zero is None
     packed = qw.bits <= 4 and qw.codes.shape[1] % 2 == 0
-    codes = get_constant(gm, set_constant(gm, key, "w_packed" if packed else "w_codes",
+    codes = get_constant(gm, set_constant(gm, name, "w_packed" if packed else "w_codes",
                                           pack_int4(qw.codes) if packed else qw.codes))
     # dequantize_weight returns the scale's dtype: the model's, so the linear sees one dtype
-    scale = get_constant(gm, set_constant(gm, key, "w_scale", qw.scale, dtype=dtype))
-    zero = None if signed else get_constant(gm, set_constant(gm, key, "w_zero", qw.zero, dtype=dtype))
+    scale = get_constant(gm, set_constant(gm, name, "w_scale", qw.scale, dtype=dtype))
+    zero = None if signed else get_constant(gm, set_constant(gm, name, "w_zero", qw.zero, dtype=dtype))
     with gm.graph.inserting_before(before):
         if packed:
-            codes = gm.graph.create_node("call_function", ops.unpack_int4, (codes, signed), name=f"{key}_codes")
+            codes = gm.graph.create_node("call_function", ops.unpack_int4, (codes, signed), name=f"{name}_codes")
             tag(codes, site=name, role="unpack", bits=qw.bits)
         weight = gm.graph.create_node("call_function", ops.dequantize_weight,
-                                      (codes, scale, zero, qw.group_size), name=f"{key}_w")
+                                      (codes, scale, zero, qw.group_size), name=f"{name}_w")
     tag(weight, site=name, role="dequantize", bits=qw.bits, group_size=qw.group_size)
     return weight

@@ -25,7 +25,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import ops
 from ..duquant import Transform
 from ..plan import Group, QuantPlan
-from .common import META, fetch_attr, finish, get_constant, is_linear, set_constant, site_key, tag
+from .common import META, fetch_attr, finish, get_constant, is_linear, set_constant, tag
 
 
 class InsertTransforms(PassBase):
@@ -44,7 +44,7 @@ class InsertTransforms(PassBase):
                 continue  # already rewritten: a second run changes nothing
             constants = _register_transform(gm, group, self.transforms[group.name])
             # one transformed weight per site, however many calls (readers) it has
-            targets = {name: set_constant(gm, site_key(name), "weight", self.weights[name],
+            targets = {name: set_constant(gm, name, "w_float", self.weights[name],
                                           dtype=self.plan.sites[name].dtype)
                        for name in {_site(n) for readers in pending.values() for n in readers}}
             for x, readers in pending.items():
@@ -68,7 +68,7 @@ def _register_transform(gm: fx.GraphModule, group: Group, t: Transform) -> dict[
     (orthogonal to ~1e-7; bf16 would give ~1e-2), the smoothing scales in the model dtype."""
     values = {"inv_smooth": (None if t.smooth is None else 1.0 / t.smooth.double(), group.dtype),
               "rot1": (t.rot1, torch.float32), "perm": (t.perm, None), "rot2": (t.rot2, torch.float32)}
-    return {name: set_constant(gm, group.key, name, value, dtype=dtype)
+    return {name: set_constant(gm, group.name, name, value, dtype=dtype)
             for name, (value, dtype) in values.items() if value is not None}
 
 
