@@ -189,7 +189,7 @@ def test_int_execution_refuses_settings_it_cannot_run_exactly(field, value):
 
 def test_int_linear_on_a_module_with_bias_and_3d_input():
     model = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 16))
-    data = tensor_batches(3, (2, 5, 32))
+    data = tensor_batches(3, (2, 5, 32), outliers=(3, 17))
     fake = quantize_graph(model, data, dataclasses.replace(FAST, include=("^0$",), block_size=8))
     integer = quantize_graph(model, data, dataclasses.replace(INT, include=("^0$",), block_size=8))
     with torch.no_grad():
