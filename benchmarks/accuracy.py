@@ -51,6 +51,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "DuQuant+RTN": {"w_method": "rtn"},  # DuQuant transform, round-to-nearest weights
     "DuQuant": {},  # the default QuantConfig (GPTQ weights)
     "DuQuant a_clip 0.9": {"a_clip": 0.9},  # per-token grids span 0.9 x the token's range (DuQuant's official)
+    "DuQuant int": {"execution": "int"},  # the default, executed as integer GEMMs: the same codes as "DuQuant"
 }
 TOKEN_ONLY = {"DuQuant a_clip 0.9"}  # a_clip applies to dynamic per-token activations only
 # Settings: bits and activation granularity; weights always one scale per output channel.

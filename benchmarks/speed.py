@@ -92,7 +92,8 @@ def archive_weight_bytes(path: Path, targets: set[str]) -> int:
     with zipfile.ZipFile(path) as archive:
         config = next(n for n in archive.namelist() if n.endswith("data/weights/model_weights_config.json"))
         entries = json.loads(archive.read(config))["config"]
-        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in archive.infolist() if "/data/weights/" in i.filename}
+        sizes = {i.filename.rsplit("/", 1)[-1]: i.file_size for i in archive.infolist()
+                 if "/data/weights/" in i.filename}
     return sum(sizes[e["path_name"]] for name, e in entries.items() if name.removesuffix("_packed") in targets)
 
 
@@ -133,7 +134,7 @@ def main() -> None:
     variants: dict[str, torch.nn.Module] = {}
     rows: dict[str, dict[str, Any]] = {"FP32": {}, "FP32 freezing": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fxquant-speed-"))
-    fp32_gm = capture(model, input_ids=calib[0]["input_ids"])
+    fp32_gm = capture(model, (), calib[0])
     fxquant.save(fp32_gm, tmp / "fp32.pt2", calib[0])
     rows["FP32"]["resident_mib"] = resident_mib(tmp / "fp32.pt2", threads)
     for name, config in CONFIGS.items():

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from . import solve
+from . import ops, solve
 from .calibrate import ActivationCache, InputStats, LoaderPasses, RangeStats, observed_copy, run_loader
 from .capture import batch_to_call, capture, pin_thread_count
 from .config import QuantConfig
@@ -110,6 +110,7 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
     with _timed(seconds, "weights"):
         quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
         lower = [LowerToInteger(plan, quantized)] if config.execution == "int" else []
+        _warn_slow_integer_gemm(gm, config)
         gm = _run([QuantizeActivations(plan, scales), *lower, QuantizeWeights(plan, quantized, config.weight_format),
                    DropUnusedConstants()], gm)
     gm.meta[META] = {"config": config, "plan": plan, "seconds": seconds}
@@ -159,6 +160,14 @@ def _run(passes: list, gm: fx.GraphModule) -> fx.GraphModule:
     manager = PassManager(passes, run_checks_after_each_pass=True)
     manager.add_checks(check_invariants)
     return manager(gm).graph_module
+
+
+def _warn_slow_integer_gemm(gm: fx.GraphModule, config: QuantConfig) -> None:
+    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+    if config.execution == "int" and not ops.fast_int8_gemm(device):
+        log.warning("execution='int': torch._int_mm has no fast kernel on this CPU (capability %s, no AVX512): "
+                    "the graph is exact but slower than execution='fake' here; it is fast on CPUs with AVX512-VNNI "
+                    "or AMX and on CUDA", torch.backends.cpu.get_cpu_capability())
 
 
 def _reiterable(loader: Iterable[Any]) -> Iterable[Any]:

@@ -131,6 +131,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--exclude", action="append", default=off, metavar="REGEX",
                    help="skip layers matching (replaces the default, lm_head)")
     c.add_argument("--weight-format", choices=("fake", "packed"), default=off)
+    c.add_argument("--execution", choices=("fake", "int"), default=off,
+                   help="int: integer GEMMs (torch._int_mm), 4-bit weights packed in the .pt2")
     c.add_argument("--capture", choices=("export", "symbolic_trace"), default=off)
     c.add_argument("--seed", type=int, default=off)
 

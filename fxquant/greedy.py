@@ -14,9 +14,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import ops
+
 _CHUNK = 16  # rows per screening reduction and per exact float64 GEMM in the greedy search
 _SCREEN_TILE = 1 << 20  # about this many screened entries per GEMM: 4 MB of int32 output per call
 _QMAX = 127  # int8 screening: B * 127^2 < 2^31 (exact int32 sums) for any B whose (B, B) float64 fits in memory
+_FLOAT_EXACT = 1 << 24  # a float32 sum of integer products is exact below this
+
+
+def _screen_dtype(block: int) -> torch.dtype:
+    """int8 codes go through torch._int_mm where it is fast; elsewhere they are held as float32 and
+    multiplied by a float32 GEMM, which gives the same integers while B * 127^2 < 2^24 (B <= 1040)."""
+    return torch.int8 if ops.fast_int8_gemm() or block * _QMAX**2 >= _FLOAT_EXACT else torch.float32
 _U64 = 2.0**-53
 _NORM_SLACK = 1e-6  # relative margin: a computed |x @ R| may exceed ||x|| by rounding (~1e-13)
 
@@ -150,7 +159,8 @@ class _Screen:
         # the largest entry maps to 127; the clamp only matters where the scale rounds (subnormals),
         # and the measured error below is of the clamped codes
         q = torch.div(chunked, self.scale[..., None]).round_().clamp_(-_QMAX, _QMAX)
-        self.xq = q.to(torch.int8).view(g, rows, b)
+        self.dtype = _screen_dtype(b)
+        self.xq = q.to(self.dtype).view(g, rows, b)
         # per chunk, the largest ||x_q * scale - x|| of its rows (float64: exact up to rounding slack)
         error = torch.linalg.vector_norm(q.mul_(self.scale[..., None]).sub_(chunked).view(g, k, c, b), dim=3).amax(2)
         self.x_error = error * (1 + _NORM_SLACK) + top * _NORM_SLACK
@@ -159,10 +169,11 @@ class _Screen:
         # One group and tile at a time, into a buffer reused at every step: a fresh tensor per step
         # costs more in page faults than the GEMM itself.
         self.per_tile = -(-k // max(1, round(rows * b / _SCREEN_TILE)))  # chunks per GEMM
-        self.out = torch.empty(self.per_tile * c, b, dtype=torch.int32)
+        acc = torch.int32 if self.dtype == torch.int8 else torch.float32  # exact integers either way
+        self.out = torch.empty(self.per_tile * c, b, dtype=acc)
         # per chunk, the screened max and min of x_q @ r_q (exact integers)
-        self.imax = torch.zeros(g, k, dtype=torch.int32)
-        self.imin = torch.zeros(g, k, dtype=torch.int32)
+        self.imax = torch.zeros(g, k, dtype=acc)
+        self.imin = torch.zeros(g, k, dtype=acc)
         # the prefix grows by whole steps of 1/16 of the chunks: each new GEMM shape costs oneDNN a
         # kernel build (about one GEMM's time), so shapes must repeat
         self.grain = -(-k // 16)
@@ -180,7 +191,7 @@ class _Screen:
         # float64's rounding is relative only above the subnormals: 1e-290 covers its absolute part
         margin = (self.x_error * (1 + r_error) + self.top * (r_error + (r.shape[-1] + 2) * _U64)) * (1 + _NORM_SLACK)
         margin += 1e-290
-        return r_q.to(torch.int8), self.scale * r_scale[:, None], margin
+        return r_q.to(self.dtype), self.scale * r_scale[:, None], margin
 
     def candidates(self, r: Tensor) -> Tensor:
         """(G, chunks) bool: chunks whose rows may hold the max or the min of rows @ r."""
@@ -212,6 +223,7 @@ class _Screen:
         c, b = _CHUNK, r_q.shape[-1]
         for lo in range(start, end, self.per_tile):
             hi = min(end, lo + self.per_tile)
-            v = torch._int_mm(self.xq[i, lo * c : hi * c], r_q, out=self.out[: (hi - lo) * c])
+            gemm = torch._int_mm if self.dtype == torch.int8 else torch.mm
+            v = gemm(self.xq[i, lo * c : hi * c], r_q, out=self.out[: (hi - lo) * c])
             torch.amax(v.view(-1, c * b), 1, out=self.imax[i, lo:hi])
             torch.amin(v.view(-1, c * b), 1, out=self.imin[i, lo:hi])

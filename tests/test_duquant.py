@@ -286,3 +286,17 @@ def test_build_transform_rejects_mismatched_shapes():
     rows, absmax, weight = _group()
     with pytest.raises(ValueError, match="D = 256"):
         build_transform(rows, absmax[:-1], weight, alpha=0.6, block_size=64, steps=4, permute=True, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "outliers", "ties"])
+def test_int8_and_float32_screens_give_the_same_rotation(kind, one_thread, monkeypatch):
+    """The screen runs torch._int_mm where it is fast and a float32 GEMM of the same codes elsewhere;
+    both sum integer products exactly, so the search takes the same path."""
+    x = _inputs(kind, 3)
+    found = {}
+    for fast in (True, False):
+        monkeypatch.setattr(greedy.ops, "fast_int8_gemm", lambda device="cpu", fast=fast: fast)
+        assert greedy._screen_dtype(64) == (torch.int8 if fast else torch.float32)
+        found[fast] = greedy_rotation(x, 64, 32, _gen(3), prune=True)
+    assert torch.equal(found[True], found[False]), kind
+    assert greedy._screen_dtype(2048) == torch.int8  # 2048 * 127^2 >= 2^24: float32 would round

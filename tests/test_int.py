@@ -194,3 +194,29 @@ def test_int_linear_on_a_module_with_bias_and_3d_input():
     integer = quantize_graph(model, data, dataclasses.replace(INT, include=("^0$",), block_size=8))
     with torch.no_grad():
         assert _relative(integer(data[0]), fake(data[0])) < 1e-5
+
+
+def test_cli_execution_int_writes_an_integer_graph(tmp_path, monkeypatch):
+    from fxquant.cli import main
+
+    (tmp_path / "int_models.py").write_text(
+        "import torch\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))\n"
+        "    g = torch.Generator().manual_seed(1)\n"
+        "    return model, [torch.randn(8, 64, generator=g) for _ in range(2)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = ["--rotation-steps", "2", "--block-size", "16", "--calib-tokens", "128", "--execution", "int"]
+    assert main(["quantize", "--factory", "int_models:build", "--out", "mlp.pt2", "--quiet", *flags]) == 0
+    import int_models
+
+    model, batches = int_models.build()
+    expected = quantize_graph(model, batches, QuantConfig(rotation_steps=2, block_size=16, calib_tokens=128,
+                                                          execution="int"))
+    loaded = fxquant.load(tmp_path / "mlp.pt2")
+    assert sum(v.dtype == torch.int8 for v in loaded.state_dict().values()) == 2
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected(x), rtol=0, atol=0)
