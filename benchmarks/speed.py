@@ -124,6 +124,7 @@ def main() -> None:
                         "not depend on them; the accuracy table uses 16)")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=20.0, help="stop timing a variant after this (>= 3 calls)")
+    parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES], help="batch x tokens")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args()
     threads = realmodel.set_threads()
@@ -140,22 +141,27 @@ def main() -> None:
     for name, config in CONFIGS.items():
         t = time.perf_counter()
         gm = quantize_graph(model, calib, config)
+        quantize_s = time.perf_counter() - t
         fp32_bytes = sum(4 * s.in_features * s.out_features for s in gm.meta["fxquant"]["plan"].active_sites())
         path = tmp / f"{len(variants)}.pt2"
         fxquant.save(gm, path, calib[0])
-        rows[name] = {"quantize_s": time.perf_counter() - t, "weights_fp32_bytes": fp32_bytes,
+        rows[name] = {"quantize_s": quantize_s, "weights_fp32_bytes": fp32_bytes,
                       "weights_module_bytes": weight_bytes(gm),
                       "weights_pt2_bytes": archive_weight_bytes(path, weight_targets(gm)),
                       "pt2_bytes": path.stat().st_size, "resident_mib": resident_mib(path, threads)}
         variants[name] = gm
         print(f"{name}: quantized in {rows[name]['quantize_s']:.1f} s", flush=True)
+    report = {"torch": torch.__version__, "threads": threads, "calls": args.calls,
+              "command": "python " + " ".join(sys.argv), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "rows": rows}
+    _write(report, args.out)
     reason = torchao_reason()
     if not reason:
         for method in ("torchao-8da4w-ch", "torchao-8da4w-g32"):
             variants[method], rows[method] = torchao_model(model, method), {}
     compiled = {"FP32": _compile(model), "FP32 freezing": _compile(model, freezing=True)}
     compiled |= {name: _compile(module) for name, module in variants.items()}
-    for batch, seq in SHAPES:
+    for batch, seq in (tuple(map(int, shape.split("x"))) for shape in args.shapes):
         ids = split.eval[0][: batch * seq].view(batch, seq)
         base = _median_ms(compiled["FP32"][0], ids, args.calls, args.budget_s)
         for name, (fn, counter) in compiled.items():
@@ -165,21 +171,25 @@ def main() -> None:
             rows[name]["compiles"] = counter.frame_count
         print(f"{batch}x{seq}: " + ", ".join(f"{n} {r[f'{batch}x{seq}_ratio']:.2f}" for n, r in rows.items()),
               flush=True)
-    load = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"torch": torch.__version__, "threads": threads, "calls": args.calls, "commit": commit,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": load,
-              "command": "python " + " ".join(sys.argv), "torchao": reason or "0.18", "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=2)
-    os.replace(f.name, args.out)
+        report["torchao"] = reason or "0.18"
+        _write(report, args.out)
     print(table(report))
     print(f"\nwrote {args.out}")
 
 
+def _write(report: dict[str, Any], out: Path) -> None:
+    """The report so far (atomically), with the commit and the load average at this moment."""
+    report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip()
+    report["load_average"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=2)
+    os.replace(f.name, out)
+
+
 def table(report: dict[str, Any]) -> str:
-    shapes = [f"{b}x{s}" for b, s in SHAPES]
+    shapes = sorted({k.removesuffix("_ratio") for r in report["rows"].values() for k in r if k.endswith("_ratio")})
     lines = [f"torch {report['torch']}, CPU {report['cpu_capability']}, {report['threads']} threads, load average "
              f"{' '.join(f'{x:.2f}' for x in report['load_average'])}; time / compiled FP32 in the same run",
              "| variant | " + " | ".join(shapes) + " | compiles | quantized weights, module / .pt2 (x FP32) "

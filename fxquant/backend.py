@@ -44,7 +44,6 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,6 +55,7 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from . import torch_private
 from .api import quantize_module
 from .capture import batch_to_call
 from .config import QuantConfig
@@ -140,15 +140,10 @@ class _Frame:
 
     @staticmethod
     def current() -> _Frame | None:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        try:  # private: the translator of the frame being compiled (None outside torch.compile)
-            tx = InstructionTranslator.current_tx()
-        except AttributeError:
-            return None
+        tx = torch_private.compiling_frame()
         if tx is None:
             return None
-        return _Frame(tx.f_code, dict(tx.f_locals), tx.f_globals, _inside_compiled_frame())
+        return _Frame(tx.f_code, dict(tx.f_locals), tx.f_globals, torch_private.inside_compiled_frame())
 
     @property
     def where(self) -> str:
@@ -156,17 +151,6 @@ class _Frame:
 
     def eval(self, source_name: str) -> Any:
         return eval(source_name, _NAMESPACE, {"L": self.f_locals, "G": self.f_globals})  # noqa: S307
-
-
-def _inside_compiled_frame() -> bool:
-    """True when code Dynamo generated is running further up the stack: the frame being compiled
-    is then called from the eager code after a graph break (or is a resume function)."""
-    f = sys._getframe(1)
-    while f is not None:
-        if any(n.startswith("__compiled_fn") for n in f.f_code.co_names):
-            return True
-        f = f.f_back
-    return False
 
 
 @dataclass
@@ -190,8 +174,7 @@ def _classify(gm: fx.GraphModule, example_inputs: Sequence[Any], frame: _Frame |
                            "example inputs; this torch version passes inputs differently than expected")
     inputs = []
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
+        source = torch_private.input_source(node) or node.name
         item = _Input(index, node.name, source, constant=False)
         if call is not None:
             slot = call.slot(source)
@@ -204,7 +187,7 @@ def _classify(gm: fx.GraphModule, example_inputs: Sequence[Any], frame: _Frame |
         elif slot is not None:
             item.root, item.slot = slot
         if isinstance(value, torch.Tensor) and not item.constant:
-            fake = node.meta.get("example_value", value)
+            fake = torch_private.fake_value(node, value)
             item.sizes = tuple(d if isinstance(d, int) else None for d in fake.shape)
         inputs.append(item)
     return inputs
@@ -288,7 +271,7 @@ def _first_call_value(item: _Input, example_inputs: Sequence[Any], frame: _Frame
                 return frame.eval(item.source)
             except Exception:
                 pass
-        return value.node.hint
+        return torch_private.size_hint(value)
     return value
 
 
@@ -391,10 +374,7 @@ def _free_sizes(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[list[tuple[b
     if any(isinstance(v, torch.SymInt | torch.SymFloat) for v in inputs):
         return [()] * len(inputs), "Dynamo made other sizes of this graph dynamic and kept this one fixed"
     try:
-        from torch._guards import tracing
-
-        # private: a fresh tracing context, so that the trace's shape guards stay out of Dynamo's
-        with tracing(None), torch.no_grad():
+        with torch_private.fresh_tracing_context(), torch.no_grad():
             traced = make_fx(gm, tracing_mode="symbolic")(*inputs)
     except Exception as err:  # cannot tell: treat every size as fixed, and say why
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
@@ -449,13 +429,8 @@ def _compile_inner(inner: Any, gm: fx.GraphModule, inputs: list[Any], mode: str 
     if inner == NAME or inner is fxquant_backend:
         raise ValueError("options['inner'] cannot be 'fxquant' itself; use 'inductor' or 'eager'")
     if inner in (None, "inductor"):
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, inputs, config_patches=list_mode_options(mode) if mode else None)
-    from torch._dynamo.backends.registry import lookup_backend
-
-    return lookup_backend(inner)(gm, inputs)
+        return torch_private.compile_with_inductor(gm, inputs, mode)
+    return torch_private.backend(inner)(gm, inputs)
 
 
 def _drop_constants(compiled: Callable[..., Any], keep: list[int], state: _State) -> Callable[..., Any]:
@@ -469,13 +444,5 @@ def _drop_constants(compiled: Callable[..., Any], keep: list[int], state: _State
     return run
 
 
-def _register() -> None:
-    """backend="fxquant" by name also where the package is imported but not installed (no entry
-    point). register_backend raises on a duplicate, and the entry point registers on lookup."""
-    from torch._dynamo.backends.registry import list_backends, register_backend
-
-    if NAME not in list_backends(exclude_tags=()):
-        register_backend(fxquant_backend, name=NAME)
-
-
-_register()
+# backend="fxquant" by name also where the package is imported but not installed (no entry point)
+torch_private.register_backend_once(fxquant_backend, NAME)

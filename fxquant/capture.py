@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from . import torch_private
+
 # torch.export and symbolic_trace install process-wide state while they trace (dispatch modes,
 # patched functions), and torch.set_num_threads sets the count every new thread starts with:
 # two threads doing either at once break each other. Every fxquant call does them under this lock.
@@ -85,8 +87,8 @@ def dynamic_dims(args: tuple, kwargs: dict, fn: Callable[..., Any] | None = None
 
     if fn is not None:
         bound = inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).bind(*args, **kwargs)
-        return {name: torch.utils._pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
-    return [torch.utils._pytree.tree_map(auto, value) for value in list(args) + list(kwargs.values())]
+        return {name: torch_private.tree_map(auto, value) for name, value in bound.arguments.items()}
+    return [torch_private.tree_map(auto, value) for value in list(args) + list(kwargs.values())]
 
 
 def _warn_size_one(args: tuple, kwargs: dict) -> None:
@@ -94,7 +96,7 @@ def _warn_size_one(args: tuple, kwargs: dict) -> None:
     only that size there (a batch of one row captures a batch-1-only graph)."""
     named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"'{k}'", v) for k, v in kwargs.items()]
     for name, value in named:
-        leaves = torch.utils._pytree.tree_leaves(value)
+        leaves = torch_private.tree_leaves(value)
         for tensor in (t for t in leaves if isinstance(t, torch.Tensor)):
             fixed = [i for i, size in enumerate(tensor.shape) if size == 1]
             if fixed:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops
+from . import ops, torch_private
 from .capture import batch_to_call
 from .files import check_writable, write_atomic
 from .passes.common import META, copy_graph_module, fetch_attr
@@ -261,11 +261,7 @@ def graph_dot(gm: fx.GraphModule) -> str:
         pass
     else:
         if graph_drawer.HAS_PYDOT:
-            class Drawer(graph_drawer.FxGraphDrawer):
-                def _get_node_style(self, node: fx.Node) -> dict[str, str]:  # the drawer's styling hook
-                    return super()._get_node_style(node) | ({"fillcolor": colour(node)} if colour(node) else {})
-
-            return Drawer(gm, "fxquant").get_dot_graph().to_string()
+            return torch_private.drawer_with_colours(gm, "fxquant", colour).get_dot_graph().to_string()
 
     def q(text: str) -> str:  # a DOT string literal
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from . import torch_private
 from .capture import TORCH_LOCK, batch_to_call, dynamic_dims
 from .config import QuantConfig
 from .files import check_writable, write_atomic
@@ -223,7 +224,7 @@ def _spec_modules(program: torch.export.ExportedProgram) -> list[str]:
         module = getattr(spec.type, "__module__", "builtins")
         if module.split(".")[0] not in ("builtins", "collections", "torch"):
             modules.add(module)
-        specs.extend(spec.children() if hasattr(spec, "children") else spec.children_specs)
+        specs.extend(torch_private.pytree_children(spec))
     return sorted(modules)
 
 

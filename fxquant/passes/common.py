@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .. import torch_private
+
 LINEAR = torch.ops.aten.linear.default
 META = "fxquant"  # the one node.meta key fxquant writes
 ROOT = "fxquant"  # the submodule that holds every constant fxquant adds
@@ -98,7 +100,7 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
     also returns the map from gm's nodes to the copy's."""
     mapping: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
+    torch_private.copy_codegen(graph, gm.graph)
     output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
     graph.output(output[0] if isinstance(output, tuple) else output)
     copy = fx.GraphModule(gm, graph)

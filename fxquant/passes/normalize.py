@@ -12,14 +12,14 @@ Exact: the three forms compute the same function. Linears whose weight is not a 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .. import torch_private
 from .common import LINEAR, fetch_attr, finish
 
-_FUNCTIONAL = (F.linear, torch._C._nn.linear)
+_FUNCTIONAL = (F.linear, torch_private.C_LINEAR)
 
 
 class Normalize(PassBase):

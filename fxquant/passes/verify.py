@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
+from .. import torch_private
 from ..calibrate import Observer
 from .common import META, fetch_attr
 
@@ -31,8 +31,8 @@ def _mutates_constant(node: fx.Node, constants: set[str]) -> bool:
     targets = [a for a in node.all_input_nodes if a.op == "get_attr" and a.target in constants]
     if not targets:
         return False
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
+    if (mutates := torch_private.op_mutates(node.target)) is not None:
+        return mutates
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")
     return False
