@@ -194,8 +194,8 @@ class _SiteProbe(nn.Module):
 def _int_weight_float(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The float weight an int8_linear node computes with: (codes - zero) x its weight scale (the
     rescale constant divided by the static activation scale folded into it)."""
-    codes, rescale, w_zero = (None if a is None else fetch_attr(gm, a.target) for a in
-                              (node.args[1], node.args[2], node.args[8] if len(node.args) > 8 else None))
+    codes, rescale, w_zero = (None if a is None else fetch_attr(gm, a.target)
+                              for a in (node.args[1], node.args[2], node.args[8]))
     scale = rescale.double()
     if node.args[5] is None:  # static activations: their scale is folded into the rescale
         scale = scale / fetch_attr(gm, node.args[0].args[1].target).double()

@@ -170,6 +170,7 @@ class _Screen:
         # costs more in page faults than the GEMM itself.
         self.per_tile = -(-k // max(1, round(rows * b / _SCREEN_TILE)))  # chunks per GEMM
         acc = torch.int32 if self.dtype == torch.int8 else torch.float32  # exact integers either way
+        self.gemm = torch._int_mm if self.dtype == torch.int8 else torch.mm
         self.out = torch.empty(self.per_tile * c, b, dtype=acc)
         # per chunk, the screened max and min of x_q @ r_q (exact integers)
         self.imax = torch.zeros(g, k, dtype=acc)
@@ -223,7 +224,6 @@ class _Screen:
         c, b = _CHUNK, r_q.shape[-1]
         for lo in range(start, end, self.per_tile):
             hi = min(end, lo + self.per_tile)
-            gemm = torch._int_mm if self.dtype == torch.int8 else torch.mm
-            v = gemm(self.xq[i, lo * c : hi * c], r_q, out=self.out[: (hi - lo) * c])
+            v = self.gemm(self.xq[i, lo * c : hi * c], r_q, out=self.out[: (hi - lo) * c])
             torch.amax(v.view(-1, c * b), 1, out=self.imax[i, lo:hi])
             torch.amin(v.view(-1, c * b), 1, out=self.imin[i, lo:hi])
