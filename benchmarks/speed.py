@@ -125,20 +125,23 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=20.0, help="stop timing a variant after this (>= 3 calls)")
     parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES], help="batch x tokens")
+    parser.add_argument("--variants", nargs="+", help="only these rows besides FP32 (names as in the table; "
+                        "each costs a quantization and one Inductor compile per shape)")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args()
+    wanted = set(args.variants or [*CONFIGS, "FP32 freezing", "torchao-8da4w-ch", "torchao-8da4w-g32"])
     threads = realmodel.set_threads()
     torch.manual_seed(0)
     split = realmodel.protocol_windows(args.calib_windows, 1)
     model = realmodel.load_model()
     calib = realmodel.calib_batches(split.calib)
     variants: dict[str, torch.nn.Module] = {}
-    rows: dict[str, dict[str, Any]] = {"FP32": {}, "FP32 freezing": {}}
+    rows: dict[str, dict[str, Any]] = {"FP32": {}} | ({"FP32 freezing": {}} if "FP32 freezing" in wanted else {})
     tmp = Path(tempfile.mkdtemp(prefix="fxquant-speed-"))
     fp32_gm = capture(model, (), calib[0])
     fxquant.save(fp32_gm, tmp / "fp32.pt2", calib[0])
     rows["FP32"]["resident_mib"] = resident_mib(tmp / "fp32.pt2", threads)
-    for name, config in CONFIGS.items():
+    for name, config in ((n, c) for n, c in CONFIGS.items() if n in wanted):
         t = time.perf_counter()
         gm = quantize_graph(model, calib, config)
         quantize_s = time.perf_counter() - t
@@ -158,8 +161,10 @@ def main() -> None:
     reason = torchao_reason()
     if not reason:
         for method in ("torchao-8da4w-ch", "torchao-8da4w-g32"):
-            variants[method], rows[method] = torchao_model(model, method), {}
-    compiled = {"FP32": _compile(model), "FP32 freezing": _compile(model, freezing=True)}
+            if method in wanted:
+                variants[method], rows[method] = torchao_model(model, method), {}
+    compiled = {"FP32": _compile(model)} | ({"FP32 freezing": _compile(model, freezing=True)} if "FP32 freezing" in rows
+                                            else {})
     compiled |= {name: _compile(module) for name, module in variants.items()}
     for batch, seq in (tuple(map(int, shape.split("x"))) for shape in args.shapes):
         ids = split.eval[0][: batch * seq].view(batch, seq)

@@ -110,9 +110,9 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
     with _timed(seconds, "weights"):
         quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
         lower = [LowerToInteger(plan, quantized)] if config.execution == "int" else []
-        _warn_slow_integer_gemm(gm, config)
         gm = _run([QuantizeActivations(plan, scales), *lower, QuantizeWeights(plan, quantized, config.weight_format),
                    DropUnusedConstants()], gm)
+        _warn_slow_integer_gemm(gm, plan)
     gm.meta[META] = {"config": config, "plan": plan, "seconds": seconds}
     log.info("fxquant: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return gm
@@ -162,12 +162,14 @@ def _run(passes: list, gm: fx.GraphModule) -> fx.GraphModule:
     return manager(gm).graph_module
 
 
-def _warn_slow_integer_gemm(gm: fx.GraphModule, config: QuantConfig) -> None:
+def _warn_slow_integer_gemm(gm: fx.GraphModule, plan: QuantPlan) -> None:
     device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
-    if config.execution == "int" and not ops.fast_int8_gemm(device):
-        log.warning("execution='int': torch._int_mm has no fast kernel on this CPU (capability %s, no AVX512): "
-                    "the graph is exact but slower than execution='fake' here; it is fast on CPUs with AVX512-VNNI "
-                    "or AMX and on CUDA", torch.backends.cpu.get_cpu_capability())
+    slow = [s.name for s in plan.sites.values() if s.kernel.startswith("int_mm")]
+    if slow and not ops.fast_int8_gemm(device):
+        log.warning("execution='int': %d layers (%s, ...) run torch._int_mm, which has no fast kernel on this CPU "
+                    "(capability %s, no AVX512): exact but slower than execution='fake' here. fbgemm's kernel, "
+                    "used for the other layers, sums exactly only weights of at most %d bits",
+                    len(slow), slow[0], torch.backends.cpu.get_cpu_capability(), ops.X86_MAX_WEIGHT_BITS)
 
 
 def _reiterable(loader: Iterable[Any]) -> Iterable[Any]:

@@ -196,6 +196,8 @@ def _int_weight_float(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     rescale constant divided by the static activation scale folded into it)."""
     codes, rescale, w_zero = (None if a is None else fetch_attr(gm, a.target)
                               for a in (node.args[1], node.args[2], node.args[8]))
+    if codes.dtype == torch.uint8:  # fbgemm's linears keep 4-bit codes two per byte
+        codes = ops.unpack_int4(codes, signed=True)
     scale = rescale.double()
     if node.args[5] is None:  # static activations: their scale is folded into the rescale
         scale = scale / fetch_attr(gm, node.args[0].args[1].target).double()

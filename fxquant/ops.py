@@ -6,7 +6,13 @@ it and Inductor fuses the pointwise parts into their neighbours.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
+import weakref
+
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -120,9 +126,108 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
+def x86_int8_kernel(device: torch.device | str = "cpu") -> bool:
+    """Whether fbgemm's u8 x s8 GEMM (x86 quantized engine) serves CPU tensors here: where
+    torch._int_mm is slow (AVX2), it is 2-5 x faster than a float32 GEMM (docs/lowering.md)."""
+    return torch.device(device).type == "cpu" and "x86" in torch.backends.quantized.supported_engines
+
+
+# fbgemm's AVX2 kernel adds pairs of u8 x s8 products in int16 with saturation: exact only while
+# 2 x 255 x max|w| <= 32767, that is |w| <= 64 (weights of at most 7 bits).
+X86_MAX_WEIGHT_BITS = 7
+
+_PREPACKED = WeakTensorKeyDictionary()  # first weight -> (signature, fbgemm packed params per group)
+_PREPACK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _x86_engine():
+    """Packed params remember the engine that made them; the graph's op needs fbgemm's (x86)."""
+    engine = torch.backends.quantized.engine
+    if engine not in ("x86", "fbgemm"):
+        torch.backends.quantized.engine = "x86"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def _signature(weights: list[torch.Tensor], groups: int) -> tuple:
+    return (groups, *((0 if w.is_inference() else w._version, weakref.ref(w)) for w in weights))
+
+
+def _same(entry: tuple, signature: tuple) -> bool:
+    return len(entry) == len(signature) and entry[0] == signature[0] and all(
+        a[0] == b[0] and a[1]() is b[1]() for a, b in zip(entry[1:], signature[1:], strict=True))
+
+
+def _prepack_x86(weights: list[torch.Tensor], groups: int, int4: bool) -> list:
+    """fbgemm's packed form of the weights' codes stacked along N, one per group of input columns
+    (scale 1, zero 0: the product comes back as the integer sum itself). Built once per list of
+    weight tensors and cached beside the first one, like Inductor's weight prepacking under
+    freezing; the graph's constants stay the codes (int4: two per byte, see unpack_int4)."""
+    signature = _signature(weights, groups)
+    entry = _PREPACKED.get(weights[0])  # a hit needs no lock: one dict read
+    if entry is not None and _same(entry[0], signature):
+        return entry[1]
+    with _PREPACK_LOCK:
+        stacked = torch.cat([unpack_int4(w, signed=True) if int4 else w for w in weights])
+        ones, zeros = torch.ones(stacked.shape[0], dtype=torch.double), torch.zeros(stacked.shape[0], dtype=torch.long)
+        packed = []
+        with warnings.catch_warnings(), _x86_engine():
+            warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*deprecated")
+            for part in stacked.chunk(groups, dim=1):
+                q = torch.quantize_per_channel(part.float(), ones, zeros, 0, torch.qint8)
+                packed.append(torch.ops.quantized.linear_prepack(q, None))
+        _PREPACKED[weights[0]] = (signature, packed)
+        return packed
+
+
+# A plain library op, not torch.library.custom_op: at one token a call is ~50 us of Python there,
+# as long as fbgemm's GEMM itself (measured, K=576 N=960).
+_LIBRARY = torch.library.Library("fxquant", "FRAGMENT")
+_LIBRARY.define("int8_mm_x86(Tensor a, Tensor[] weights, int groups, bool int4) -> Tensor")
+
+
+def int8_mm_x86(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
+    """a (..., K) int8 codes times each weight (N_i, K) int8, in one GEMM: float32 (G, M, sum N_i)
+    with M = the leading dims' product, holding per group g of K/G input columns the exact int32
+    sums of a[:, g] @ w[:, g].T (exact while |sums| < 2^24). Weight codes must satisfy |w| <= 64;
+    int4: the weights are (N_i, K/2) uint8, two signed 4-bit codes per byte (unpack_int4).
+
+    fbgemm quantizes its float input with scale 1 and zero point 128, so it sees the codes
+    themselves (shifted to u8 and back inside)."""
+    run = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    packed = _prepack_x86(weights, groups, int4)
+    a = a.reshape(-1, a.shape[-1]).float()
+    if groups == 1:
+        return run(a, 1.0, 128, packed[0]).unsqueeze(0)
+    return torch.stack([run(x.contiguous(), 1.0, 128, w) for x, w in zip(a.chunk(groups, dim=1), packed, strict=True)])
+
+
+def _int8_mm_x86_elsewhere(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
+    """The same sums on another device (a graph lowered on CPU, then moved): torch._int_mm."""
+    a, weight = a.reshape(-1, a.shape[-1]), torch.cat([unpack_int4(w, signed=True) if int4 else w for w in weights])
+    return torch.stack([int_matmul(x.contiguous(), w.t()).float()
+                        for x, w in zip(a.chunk(groups, dim=1), weight.chunk(groups, dim=1), strict=True)])
+
+
+_LIBRARY.impl("int8_mm_x86", int8_mm_x86, "CPU")
+_LIBRARY.impl("int8_mm_x86", _int8_mm_x86_elsewhere, "CUDA")
+
+
+@torch.library.register_fake("fxquant::int8_mm_x86", lib=_LIBRARY)
+def _(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
+    rows = 1
+    for size in a.shape[:-1]:
+        rows = rows * size
+    return a.new_empty((groups, rows, sum(w.shape[0] for w in weights)), dtype=torch.float32)
+
+
 def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, x_scale: torch.Tensor | None = None, x_zero: torch.Tensor | None = None,
-                w_colsum: torch.Tensor | None = None, w_zero: torch.Tensor | None = None) -> torch.Tensor:
+                w_colsum: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
+                kernel: str = "int_mm", sums: torch.Tensor | None = None) -> torch.Tensor:
     """y = dequantize(codes) @ dequantize(weight).T + bias, computed as an integer GEMM.
 
     codes (..., K) int8 activation codes; weight (N, K) int8 weight codes (minus their offset);
@@ -131,20 +236,29 @@ def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     (..., 1) and, when asymmetric, x_zero (..., 1) int32 with w_colsum (G, N) int32 = the sum of
     each group's weight codes. Asymmetric weights bring w_zero (G, N) float32. With q = codes and
     w = weight, per group: sum_k (q - zx)(w - zw) = q.w - zx sum(w) - zw sum(q) + K zx zw.
+    kernel: "int_mm" (torch._int_mm, int32 sums) or "x86" (int8_mm_x86, the same sums in float32);
+    "x86_int4": as "x86" with weight (N, K/2) uint8, two 4-bit codes per byte.
+    sums: this linear's columns (G, M, N) of an int8_mm_x86 shared with its group's other linears
+    (one GEMM for q/k/v); weight is then only read for its shape.
     """
     lead, k = codes.shape[:-1], codes.shape[-1]
     q = codes.reshape(-1, k)
     groups = scale.shape[0]
     size = k // groups
+    if sums is not None:
+        sums = sums.unbind(0)
+    elif kernel.startswith("x86"):
+        sums = torch.ops.fxquant.int8_mm_x86(q, [weight], groups, kernel == "x86_int4").unbind(0)
+    else:  # one GEMM per channel (G = 1) or per group of input columns
+        sums = [int_matmul(q if groups == 1 else q[:, g * size:(g + 1) * size].contiguous(),
+                           weight[:, g * size:(g + 1) * size].t()) for g in range(groups)]
     out = None
-    for g in range(groups):  # one GEMM per channel (G = 1) or per group of input columns
-        qg = q if groups == 1 else q[:, g * size:(g + 1) * size].contiguous()
-        acc = int_matmul(qg, weight[:, g * size:(g + 1) * size].t())
+    for g, acc in enumerate(sums):
         if x_zero is not None:
             acc = acc - x_zero.reshape(-1, 1) * w_colsum[g]
         acc = acc.float()
         if w_zero is not None:
-            q_sum = qg.sum(-1, keepdim=True, dtype=torch.int32)
+            q_sum = q[:, g * size:(g + 1) * size].sum(-1, keepdim=True, dtype=torch.int32)
             if x_zero is not None:
                 q_sum = q_sum - size * x_zero.reshape(-1, 1)
             acc = acc - q_sum.float() * w_zero[g]

@@ -13,7 +13,7 @@ from torch._dynamo.testing import CompileCounter
 import fxquant
 from fxquant import QuantConfig, ops, quantize_graph
 from fxquant.passes.verify import check_invariants
-from fxquant.quant import dequantize_weight, quantize_weight
+from fxquant.quant import dequantize_weight, pack_int4, quantize_weight
 
 FAST = QuantConfig(rotation_steps=16, block_size=16)
 INT = dataclasses.replace(FAST, execution="int")
@@ -39,37 +39,53 @@ def _fake_linear(x, qw, act, bias):
     return torch.nn.functional.linear(xq, dequantize_weight(qw), bias)
 
 
-def _int_linear(x, qw, act, bias):
+def _int_linear(x, qw, act, bias, kernel="int_mm"):
     from fxquant.passes.lower import int_weight
 
     codes, w_zero = int_weight(qw)
     scale = qw.scale.t().float()
+    colsum = codes.view(codes.shape[0], scale.shape[0], -1).sum(-1, dtype=torch.int32).t()
+    if kernel == "x86_int4":
+        codes = pack_int4(codes)
     if act == "static":
         q = ops.quantize_static_int8(x, torch.tensor([0.05]), 127)
-        return ops.int8_linear(q, codes, scale * 0.05, bias, torch.float32, w_zero=w_zero)
+        return ops.int8_linear(q, codes, scale * 0.05, bias, torch.float32, w_zero=w_zero, kernel=kernel)
     if act == "token_sym":
         q, s = ops.quantize_per_token_int8(x, 127)
-        return ops.int8_linear(q, codes, scale, bias, torch.float32, x_scale=s, w_zero=w_zero)
+        return ops.int8_linear(q, codes, scale, bias, torch.float32, x_scale=s, w_zero=w_zero, kernel=kernel)
     q, s, z = ops.quantize_per_token_asym_int8(x, 15 if act.endswith("4bit") else 255)
-    colsum = codes.view(codes.shape[0], scale.shape[0], -1).sum(-1, dtype=torch.int32).t()
-    return ops.int8_linear(q, codes, scale, bias, torch.float32, x_scale=s, x_zero=z, w_colsum=colsum, w_zero=w_zero)
+    return ops.int8_linear(q, codes, scale, bias, torch.float32, x_scale=s, x_zero=z, w_colsum=colsum, w_zero=w_zero,
+                           kernel=kernel)
 
 
+X86 = pytest.mark.skipif(not ops.x86_int8_kernel(), reason="no x86 quantized engine (fbgemm) in this torch")
+# the kernel an int graph runs on this machine (lower.choose_kernel): fbgemm where _int_mm is slow
+KERNEL = "int_mm" if ops.fast_int8_gemm() or not ops.x86_int8_kernel() else "fbgemm"
+
+
+def _weight_codes(gm) -> list[torch.Tensor]:
+    """The quantized linears' code tensors: int8, or two 4-bit codes per byte where fbgemm runs them."""
+    return [v for k, v in gm.state_dict(keep_vars=True).items() if k.endswith((".w_int8", ".w_int4"))]
+
+
+@pytest.mark.parametrize("kernel", ["int_mm", pytest.param("x86", marks=X86), pytest.param("x86_int4", marks=X86)])
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
 @pytest.mark.parametrize("weight", list(WEIGHTS))
 @pytest.mark.parametrize("shape", [(3, 5, 64, 48), (1, 7, 36, 20)])  # (batch, tokens, in, out); 36/20: odd widths
-def test_integer_linear_equals_fake_linear(act, weight, shape):
+def test_integer_linear_equals_fake_linear(kernel, act, weight, shape):
     """Same codes, exact int32 sums: only the float32 rescale order differs from the fake linear."""
     batch, tokens, k, n = shape
     if "group16" in weight and k % 16:
         pytest.skip("group 16 does not tile 36 columns")
+    if kernel.startswith("x86") and "int8" in weight:
+        pytest.skip("fbgemm's AVX2 kernel saturates 8-bit weights: lower.choose_kernel never gives it them")
     g = torch.Generator().manual_seed(k * n)
     x = torch.randn(batch, tokens, k, generator=g) * 2
     w, bias = torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g)
     settings = WEIGHTS[weight]
     qw = quantize_weight(w, settings.get("w_bits", 4), group_size=settings.get("w_group_size"),
                          symmetric=settings.get("w_symmetric", True), clip="minmax")
-    want, got = _fake_linear(x, qw, act, bias), _int_linear(x, qw, act, bias)
+    want, got = _fake_linear(x, qw, act, bias), _int_linear(x, qw, act, bias, kernel)
     assert got.shape == want.shape == (batch, tokens, n)
     assert _relative(got, want) < 2e-6, f"{act}/{weight}: integer vs fake relative error {_relative(got, want):.2e}"
 
@@ -101,10 +117,11 @@ def test_int_llama_matches_fake_and_holds_no_float_copy_of_a_quantized_weight():
     integer = quantize_graph(model, data, INT)
     check_invariants(integer)
     plan = integer.meta["fxquant"]["plan"]
-    assert {s.kernel for s in plan.active_sites()} == {"int_mm"}
+    assert {s.kernel for s in plan.active_sites()} == {KERNEL}
     state = integer.state_dict()
-    # 7 linears x 2 layers: each one int8 weight and one rescale, no float (out, in) matrix of theirs
-    assert sum(k.endswith(".w_int8") and v.dtype == torch.int8 for k, v in state.items()) == 14
+    # 7 linears x 2 layers: each one integer weight and one rescale, no float (out, in) matrix of theirs
+    codes = _weight_codes(integer)
+    assert len(codes) == 14 and {c.dtype for c in codes} == ({torch.int8} if KERNEL == "int_mm" else {torch.uint8})
     for site in plan.active_sites():
         shape = (site.out_features, site.in_features)
         floats = [k for k, v in state.items() if v.is_floating_point() and tuple(v.shape) == shape
@@ -135,7 +152,12 @@ def test_int_graph_compiles_once_for_batch_2_to_8_and_runs_the_integer_gemm():
             torch.testing.assert_close(compiled(input_ids=x).logits, gm(input_ids=x).logits)
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for batch 2..8"
     targets = [n.target for n in graphs[0].graph.nodes]
-    assert targets.count(torch._int_mm) == 14, "every quantized linear runs torch._int_mm"
+    if KERNEL == "int_mm":
+        assert targets.count(torch._int_mm) == 14, "every quantized linear runs torch._int_mm"
+    else:  # per layer one GEMM for q/k/v, one for gate/up, one each for o_proj and down_proj
+        x86 = (torch.ops.fxquant.int8_mm_x86, torch.ops.fxquant.int8_mm_x86.default)
+        gemms = [n for n in graphs[0].graph.nodes if n.target in x86]
+        assert sorted(len(n.args[1]) for n in gemms) == [1, 1, 1, 1, 2, 2, 3, 3]
 
 
 def _tensor_bytes(path) -> int:
@@ -155,8 +177,8 @@ def test_save_load_round_trip_stores_4bit_weights_packed(tmp_path):
         loaded = fxquant.load(paths[name])
         with torch.no_grad():
             torch.testing.assert_close(loaded(**data[1]).logits, gm(**data[1]).logits, rtol=0, atol=0)
-        # unpacked once at load: int8 weights as buffers, no unpack op left to run per call
-        assert sum(v.dtype == torch.int8 for v in loaded.state_dict().values()) == 14
+        # unpacked once at load: integer weights as buffers, no unpack op left to run per call
+        assert len(_weight_codes(loaded)) == 14
         assert all("unpack" not in str(n.target) for n in loaded.graph.nodes)
     # the 14 quantized weights take half a byte per code at 4 bits, a byte at 8
     codes = sum(s.in_features * s.out_features for s in gm.meta["fxquant"]["plan"].active_sites())
@@ -177,7 +199,7 @@ def test_float_weights_in_an_int_graph_keep_the_fake_activation_quantizer_and_sa
     model, data = mlp(), tensor_batches(3, (8, 64))
     gm = quantize_graph(model, data, dataclasses.replace(INT, overrides={"^2$": {"w_bits": 16}}))
     plan = gm.meta["fxquant"]["plan"]
-    assert plan.sites["0"].kernel == "int_mm" and plan.sites["2"].kernel == ""
+    assert plan.sites["0"].kernel == KERNEL and plan.sites["2"].kernel == ""
     assert "fake" in fxquant.dump(gm, fmt="table").splitlines()[3]  # layer 2's row names its kernel
 
 
@@ -216,7 +238,75 @@ def test_cli_execution_int_writes_an_integer_graph(tmp_path, monkeypatch):
     expected = quantize_graph(model, batches, QuantConfig(rotation_steps=2, block_size=16, calib_tokens=128,
                                                           execution="int"))
     loaded = fxquant.load(tmp_path / "mlp.pt2")
-    assert sum(v.dtype == torch.int8 for v in loaded.state_dict().values()) == 2
+    assert len(_weight_codes(loaded)) == 2
     x = torch.randn(5, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected(x), rtol=0, atol=0)
+
+
+@X86
+@pytest.mark.parametrize("kernel", ["x86", "x86_int4"])
+def test_shared_gemm_gives_the_same_outputs_as_one_gemm_per_linear(monkeypatch, kernel):
+    """q/k/v and gate/up read one activation: one fbgemm GEMM over their stacked weights gives each
+    linear the same integer sums, so the graph's outputs equal torch._int_mm's bit for bit."""
+    from fxquant.passes import lower
+
+    model, data = tiny_llama(), token_batches(3)
+    config = dataclasses.replace(INT, a_granularity="token", w_group_size=16, w_symmetric=False)
+    monkeypatch.setattr(lower, "choose_kernel", lambda qw: kernel)
+    shared = quantize_graph(model, data, config)
+    monkeypatch.setattr(lower, "choose_kernel", lambda qw: "int_mm")
+    separate = quantize_graph(model, data, config)
+    gemms = [n for n in shared.graph.nodes if n.target is torch.ops.fxquant.int8_mm_x86.default]
+    assert sorted(len(n.args[1]) for n in gemms) == [2, 2, 3, 3] and all(n.args[2] == 4 for n in gemms)
+    with torch.no_grad():
+        assert torch.equal(shared(**data[0]).logits, separate(**data[0]).logits)
+
+
+@X86
+def test_fbgemm_weights_are_packed_once_and_survive_compile_and_another_engine():
+    gm = quantize_graph(mlp(), tensor_batches(3, (8, 64)), INT)
+    weights = _weight_codes(gm)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        want = gm(x)
+    packed = [ops._PREPACKED[w][1] for w in weights]
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="eager", fullgraph=True, dynamic=True)
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"  # the user's engine: packing must still make fbgemm's
+        with torch.no_grad():
+            for batch in (2, 3, 4):
+                compiled(x[:batch])
+            got = compiled(x)
+        assert torch.backends.quantized.engine == "qnnpack"
+    finally:
+        torch.backends.quantized.engine = engine
+    assert torch.equal(got, want)
+    repacked = [w for w, p in zip(weights, packed, strict=True) if ops._PREPACKED[w][1] is not p]
+    assert not repacked, "a call packed the weights again"
+
+
+@X86
+def test_x86_kernel_takes_only_weights_it_sums_exactly():
+    from fxquant.passes.lower import choose_kernel
+
+    w = torch.randn(16, 32)
+    assert choose_kernel(quantize_weight(w, 8, clip="minmax")) == "int_mm"
+    assert choose_kernel(quantize_weight(w, 6, clip="minmax")) == ("int_mm" if ops.fast_int8_gemm() else "x86")
+    assert choose_kernel(quantize_weight(w, 4, clip="minmax")) == ("int_mm" if ops.fast_int8_gemm() else "x86_int4")
+
+
+def test_dump_sqnr_of_an_int_graph_equals_the_fake_graphs():
+    """The dump reads integer linears' codes (int8, or two per byte) back as the float weight they
+    stand for, so its per-layer SQNR is the fake graph's."""
+    import importlib
+
+    dump_module = importlib.import_module("fxquant.dump")  # fxquant.dump, the attribute, is the function
+    model, data = tiny_llama(), token_batches(3)
+    fake = dump_module.site_sqnr(quantize_graph(model, data, FAST), data[0])
+    integer = dump_module.site_sqnr(quantize_graph(model, data, INT), data[0])
+    assert fake.keys() == integer.keys() and len(fake) == 14
+    for site, (db, _) in fake.items():
+        assert integer[site][0] == pytest.approx(db, abs=0.25), site  # layer 1: code flips upstream

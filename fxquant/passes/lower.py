@@ -42,8 +42,19 @@ def int_weight(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (qw.codes.to(torch.int16) - offset).to(torch.int8), (qw.zero - offset).t().float()
 
 
-def kernel_name(groups: int) -> str:
-    return "int_mm" if groups == 1 else f"int_mm x{groups} groups"
+def choose_kernel(qw: QuantizedWeight) -> str:
+    """torch._int_mm where it is fast (CUDA, AVX512 CPUs) or where only it is exact (8-bit weights);
+    on other x86 CPUs fbgemm's u8 x s8 GEMM, exact for weights of at most 7 bits. fbgemm packs its
+    own copy of the codes once, so the graph keeps 4-bit ones two per byte ("x86_int4")."""
+    device = qw.codes.device
+    if ops.fast_int8_gemm(device) or not ops.x86_int8_kernel(device) or qw.bits > ops.X86_MAX_WEIGHT_BITS:
+        return "int_mm"
+    return "x86_int4" if qw.bits <= 4 and qw.codes.shape[1] % 2 == 0 else "x86"
+
+
+def kernel_name(kernel: str, groups: int) -> str:
+    name = {"int_mm": "int_mm", "x86": "fbgemm", "x86_int4": "fbgemm"}[kernel]
+    return name if groups == 1 else f"{name} x{groups} groups"
 
 
 class LowerToInteger(PassBase):
@@ -65,6 +76,8 @@ class LowerToInteger(PassBase):
             if not fake.users:
                 gm.graph.erase_node(fake)
             modified = True
+        for outputs in integer_inputs.values():
+            _share_gemm(gm, outputs[0])
         if modified:
             finish(gm)
         return PassResult(gm, modified)
@@ -96,22 +109,50 @@ def _replace_linear(gm: fx.GraphModule, linear: fx.Node, x: tuple[fx.Node, ...],
     static = len(x) == 1
     if static:  # a calibrated activation scale is a constant too: fold it into the rescale
         scale = scale * fetch_attr(gm, x[0].args[1].target).double()
-    constant = {"w_int8": codes, "w_rescale": scale.float()}
+    kernel = choose_kernel(qw)
+    constant = {"w_int4": pack_int4(codes)} if kernel == "x86_int4" else {"w_int8": codes}
+    constant["w_rescale"] = scale.float()
     if w_zero is not None:
         constant["w_zero"] = w_zero
     if len(x) == 3:  # asymmetric activations: the zero point times each group's weight code sum
         constant["w_colsum"] = codes.view(codes.shape[0], scale.shape[0], -1).sum(-1, dtype=torch.int32).t()
     nodes = {name: get_constant(gm, set_constant(gm, site.name, name, value)) for name, value in constant.items()}
     bias = linear.args[2] if len(linear.args) > 2 else None
-    args = (x[0], nodes["w_int8"], nodes["w_rescale"], bias, site.dtype,
-            None if static else x[1], x[2] if len(x) == 3 else None, nodes.get("w_colsum"), nodes.get("w_zero"))
+    args = (x[0], nodes.get("w_int8", nodes.get("w_int4")), nodes["w_rescale"], bias, site.dtype,
+            None if static else x[1], x[2] if len(x) == 3 else None, nodes.get("w_colsum"), nodes.get("w_zero"), kernel)
     with gm.graph.inserting_before(linear):
         integer = gm.graph.create_node("call_function", ops.int8_linear, args, name=f"{linear.name}_int")
-    site.kernel = kernel_name(scale.shape[0])
+    site.kernel = kernel_name(kernel, scale.shape[0])
     integer.meta = {k: v for k, v in linear.meta.items() if k != META}
     tag(integer, **linear.meta[META], w_bits=qw.bits, kernel=site.kernel)
     linear.replace_all_uses_with(integer)
     gm.graph.erase_node(linear)
+
+
+def _share_gemm(gm: fx.GraphModule, codes: fx.Node) -> None:
+    """The fbgemm linears that read the same activation codes (q/k/v, gate/up) get their sums from
+    one int8_mm_x86 over all their weights: one GEMM, each linear reading its own columns. Each
+    keeps its own node and constants, so the plan, dump and save still see one linear per layer."""
+    by_layout: dict[tuple[int, str], list[fx.Node]] = {}  # (groups, kernel) -> linears
+    for user in codes.users:
+        if user.target is ops.int8_linear and user.args[0] is codes and user.args[9].startswith("x86"):
+            by_layout.setdefault((fetch_attr(gm, user.args[2].target).shape[0], user.args[9]), []).append(user)
+    for (groups, kernel), linears in by_layout.items():
+        if len(linears) < 2:
+            continue
+        first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
+        with gm.graph.inserting_before(first):
+            shared = gm.graph.call_function(torch.ops.fxquant.int8_mm_x86.default,
+                                            (codes, [n.args[1] for n in linears], groups, kernel == "x86_int4"))
+        tag(shared, role="gemm", sites=[n.meta[META]["site"] for n in linears])
+        start = 0
+        for linear in linears:
+            width = fetch_attr(gm, linear.args[1].target).shape[0]
+            with gm.graph.inserting_before(linear):
+                columns = gm.graph.call_function(torch.narrow, (shared, -1, start, width))
+            tag(columns, role="gemm", site=linear.meta[META]["site"])
+            linear.update_kwarg("sums", columns)
+            start += width
 
 
 UNPACK = torch.ops.fxquant.unpack_int4.default
@@ -123,8 +164,9 @@ def pack_weights(gm: fx.GraphModule) -> None:
     Edits ``gm`` in place: call it on a copy (serialize.save does). 4-bit codes, shifted asymmetric
     ones too, lie in [-8, 7], so every one packs as a signed nibble."""
     for linear in list(gm.graph.nodes):
-        if linear.target is not ops.int8_linear or linear.meta[META].get("w_bits", 8) > 4:
-            continue
+        if (linear.target is not ops.int8_linear or linear.meta[META].get("w_bits", 8) > 4
+                or linear.args[9] == "x86_int4"):
+            continue  # 8-bit codes, or already two per byte
         weight = linear.args[1]
         codes = fetch_attr(gm, weight.target)
         if codes.shape[1] % 2:
@@ -132,11 +174,12 @@ def pack_weights(gm: fx.GraphModule) -> None:
         owner, name = weight.target.rsplit(".", 1)
         # beside the codes, under the name unpack_weights strips again (so it keeps readable names)
         _register_new(fetch_attr(gm, owner), f"{name}_packed", pack_int4(codes))
-        with gm.graph.inserting_before(linear):
+        with gm.graph.inserting_after(weight):  # before every user: the linear and a shared GEMM
             packed = gm.graph.get_attr(f"{weight.target}_packed")
+        with gm.graph.inserting_after(packed):
             unpacked = gm.graph.call_function(UNPACK, (packed,))
         tag(unpacked, site=linear.meta[META]["site"], role="unpack", bits=linear.meta[META]["w_bits"])
-        linear.replace_input_with(weight, unpacked)
+        weight.replace_all_uses_with(unpacked)  # the linear and a shared GEMM
         if not weight.users:
             gm.graph.erase_node(weight)
             delattr(fetch_attr(gm, owner), name)
