@@ -8,8 +8,8 @@
 4. FP32 and quantized perplexity on held-out windows (fewer than the full accuracy table);
 5. compile the quantized graph with Inductor (dynamic=True): compile count over two batch sizes,
    and the time per forward of torch.compile(fp32 model) vs torch.compile(quantized graph). The
-   integer GEMM (torch._int_mm) is fast where the CPU has int8 dot-product instructions (AVX512-VNNI,
-   AMX) or on a GPU; on a CPU without them it runs a slow reference loop, and the ratio says so.
+   integer GEMM is torch._int_mm on a GPU and on CPUs with AVX512, fbgemm's u8 x s8 kernel on other
+   x86 CPUs (the plan's kernel column says which).
 
 The full table of every method is benchmarks/accuracy.py.
 """
@@ -121,8 +121,10 @@ def main() -> None:
     quant_s = time_forward(lambda x: compiled_gm(input_ids=x), ids)
     print(f"  time per forward, {TIMING_SHAPE[0]} x {TIMING_SHAPE[1]} tokens, median of 5 after 2 warm-up calls:")
     print(f"    torch.compile(fp32 model)    {1000 * fp32_s:8.1f} ms")
-    print(f"    torch.compile(fxquant graph) {1000 * quant_s:8.1f} ms  ({quant_s / fp32_s:.2f} x fp32; integer GEMMs "
-          f"through torch._int_mm, CPU capability {torch.backends.cpu.get_cpu_capability()})")
+    kernels = sorted({s.kernel for s in gm.meta["fxquant"]["plan"].active_sites()})
+    print(f"    torch.compile(fxquant graph) {1000 * quant_s:8.1f} ms  ({quant_s / fp32_s:.2f} x fp32; integer GEMMs: "
+          f"{', '.join(kernels)}; CPU capability {torch.backends.cpu.get_cpu_capability()}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
     say("done")
 
 

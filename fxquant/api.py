@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,11 +72,36 @@ def _checked_arguments(model: Any, calib_loader: Any, config: Any) -> QuantConfi
     return config
 
 
+@dataclass
+class Solution:
+    """What calibration and solving found for one graph: a recompile of the same graph (another
+    shape, through the backend) applies it instead of calibrating and solving again."""
+
+    transforms: dict[str, Any]
+    scales: dict[str, torch.Tensor]
+    quantized: dict[str, Any]
+    site_stats: dict[str, dict]
+    group_stats: dict[str, dict]
+
+
+def solution_key(gm: fx.GraphModule, plan: QuantPlan, config: QuantConfig) -> tuple:
+    """Equal for graphs that quantize the same way: the same groups of the same weight tensors (by
+    storage, so the model's own weights), read the same number of times, under the same config.
+    Sizes of activations do not enter: they are what differs between recompiles."""
+    sites = tuple((s.name, s.skip, s.calls, fetch_attr(gm, s.weight).data_ptr(), s.in_features, s.out_features)
+                  for s in plan.sites.values())
+    groups = tuple((g.name, tuple(g.sites), len(g.inputs), g.dim) for g in plan.groups.values())
+    return repr(config), sites, groups
+
+
 def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: QuantConfig, *,
-                    dry_run: bool = False) -> fx.GraphModule | QuantPlan:
+                    dry_run: bool = False, solutions: dict[tuple, Solution] | None = None
+                    ) -> fx.GraphModule | QuantPlan:
     """The stages after capture, on a GraphModule whose weights are get_attr constants.
 
     ``calib_loader`` yields batches for ``gm`` itself (Tensor, tuple or dict, as for quantize_graph).
+    ``solutions``: solved graphs by solution_key; a graph found there is not calibrated again (the
+    loader is not read), one solved here is added.
     """
     pin_thread_count()
     loader = _reiterable(calib_loader)
@@ -83,8 +109,38 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
     plan = make_plan(gm, config)
     if dry_run:
         return plan
-    nodes, seconds = {n.name: n for n in gm.graph.nodes}, {}
+    seconds: dict[str, float] = {}
+    key = solution_key(gm, plan, config) if solutions is not None else None
+    solved = solutions.get(key) if solutions is not None else None
+    if solved is None:
+        gm, solved = _solve(gm, plan, loader, config, seconds)
+        if solutions is not None:
+            solutions[key] = solved
+    else:  # the same graph at another shape: the same transforms, scales and weights
+        for name, stats in solved.site_stats.items():
+            plan.sites[name].stats = stats
+        for name, stats in solved.group_stats.items():
+            plan.groups[name].stats = stats
+        floats = {s.name: fetch_attr(gm, s.weight).detach().float().cpu() for s in plan.active_sites()}
+        weights = {s: apply_to_weight(floats[s], solved.transforms[g.name])
+                   for g in plan.groups.values() for s in g.sites}
+        gm = _run([InsertTransforms(plan, solved.transforms, weights)], gm)
+        log.info("fxquant: reused the calibration and solution of an earlier compile of this graph")
 
+    with _timed(seconds, "rewrite"):
+        lower = [LowerToInteger(plan, solved.quantized)] if config.execution == "int" else []
+        gm = _run([QuantizeActivations(plan, solved.scales), *lower,
+                   QuantizeWeights(plan, solved.quantized, config.weight_format), DropUnusedConstants()], gm)
+        _warn_slow_integer_gemm(gm, plan)
+    gm.meta[META] = {"config": config, "plan": plan, "seconds": seconds}
+    log.info("fxquant: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return gm
+
+
+def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: QuantConfig,
+           seconds: dict[str, float]) -> tuple[fx.GraphModule, Solution]:
+    """Calibrate, solve the transforms (inserted into ``gm``), measure static scales, quantize weights."""
+    nodes = {n.name: n for n in gm.graph.nodes}
     with _timed(seconds, "calibrate"):  # raw statistics of every group input, all calls of a weight together
         cache = ActivationCache(config.calib_cache_gb * 2**30)  # inputs of static-scale groups, for "scales"
         inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
@@ -109,13 +165,8 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
 
     with _timed(seconds, "weights"):
         quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
-        lower = [LowerToInteger(plan, quantized)] if config.execution == "int" else []
-        gm = _run([QuantizeActivations(plan, scales), *lower, QuantizeWeights(plan, quantized, config.weight_format),
-                   DropUnusedConstants()], gm)
-        _warn_slow_integer_gemm(gm, plan)
-    gm.meta[META] = {"config": config, "plan": plan, "seconds": seconds}
-    log.info("fxquant: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return gm
+    return gm, Solution(transforms, scales, quantized, {n: s.stats for n, s in plan.sites.items()},
+                        {n: g.stats for n, g in plan.groups.items()})
 
 
 @contextlib.contextmanager

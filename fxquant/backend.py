@@ -26,13 +26,17 @@ again with symbolic sizes: where it does not depend on that size (an MLP), the b
 it as it is; where it does (a view to the call's shape, as Hugging Face attention does), the
 compile raises, saying to pass ``dynamic=True`` or yield batches of the call's shape. A graph
 Dynamo specializes to batch size 1 is calibrated on the loader's batches one row at a time.
-Every compile (recompiles included) calibrates and solves again; deterministic, so the same
-loader gives the same quantization.
+A recompile of a graph already quantized under the same torch.compile call (another shape: Dynamo's
+automatic dynamic shapes recompile on the second batch size by default) reuses the calibration
+and the solved transforms, scales and weights of the first (api.solution_key: the same groups of
+the same weight tensors under the same config): it costs a compile, not a quantization, and the
+loader is not read again. Without a loader that means the first call's calibration.
 
-State: the compiles of one torch.compile call share the no-loader warning and a generator loader
-read into a list. The compiled graphs hold that state, nothing else does: once the compiled
-model is dropped and Dynamo's cache is cleared (``torch._dynamo.reset()``), options, loader and
-batches can be collected.
+State: the compiles of one torch.compile call share the no-loader warning, a generator loader
+read into a list, and the solutions of the graphs quantized so far (their quantized weights and
+transforms: about one quantized model). The compiled graphs hold that state, nothing else does:
+once the compiled model is dropped and Dynamo's cache is cleared (``torch._dynamo.reset()``),
+options, loader, batches and solutions can be collected.
 
 Constants: parameters, buffers and every other tensor that is not an argument of the call
 (module attributes, globals, closure cells) are baked in at compile time, sharing storage with
@@ -56,7 +60,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from . import torch_private
-from .api import quantize_module
+from .api import Solution, quantize_module
 from .capture import batch_to_call
 from .config import QuantConfig
 from .passes.common import copy_graph_module
@@ -69,12 +73,13 @@ _NAMESPACE = {"__builtins__": {}}  # Dynamo source names are Python expressions 
 
 class _State:
     """What the compiles of one torch.compile call share: whether the no-loader warning was
-    given, and a one-shot loader read into a list (recompiles calibrate on the same batches)."""
+    given, a one-shot loader read into a list, and the solved graphs (recompiles reuse them)."""
 
     def __init__(self, options: dict | None) -> None:
         self.options = options  # keeps id(options) unique while this state exists
         self.warned = False
         self.loader: list | None = None
+        self.solutions: dict[tuple, Solution] = {}
 
 
 # Keyed by id of the options dict. Held weakly here and strongly by every callable compiled with
@@ -121,7 +126,7 @@ def fxquant_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
         batches: Iterable[Any] = [tuple(_first_call_value(i, example_inputs, frame) for i in user)]
     else:
         batches = _mapped_batches(loader, user, frame, call, dynamo_gm, example_inputs)
-    quantized = quantize_module(gm, batches, config)
+    quantized = quantize_module(gm, batches, config, solutions=state.solutions)
 
     kept = [example_inputs[i.index] for i in user]
     compiled = _compile_inner(options.get("inner", "inductor"), quantized, kept, mode)

@@ -66,6 +66,20 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, method: str = "export")
             ) from err
 
 
+def mark_batch_unbacked(batch: Any) -> Any:
+    """Mark dim 0 of every tensor in ``batch`` (Tensor, tuple, list or dict, as for the loader) as
+    one unbacked batch size, then return it: call the compiled graph with it the first time, and
+    that one compile serves every batch size, 1 included.
+
+    Without it, torch.compile(gm, dynamic=True) first called with batch 2 assumes the batch is
+    never 1, and a later batch of 1 compiles a second graph. Every tensor's dim 0 must be the
+    batch (runtime asserts check they agree). Only the compiling call needs the marks."""
+    for tensor in torch_private.tree_leaves(batch):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+            torch_private.mark_unbacked(tensor, 0, shape_id="fxquant_batch")
+    return batch
+
+
 def pin_thread_count() -> int:
     """This thread's torch thread count, fixed now. torch gives a thread the process-wide count on
     its first parallel op; read under the lock, that is never the 1 a concurrent solve sets for

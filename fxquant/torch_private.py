@@ -134,3 +134,15 @@ def drawer_with_colours(gm: fx.GraphModule, name: str, colour: Callable[[fx.Node
             return super()._get_node_style(node) | ({"fillcolor": fill} if fill else {})
 
     return Drawer(gm, name)
+
+
+def mark_unbacked(tensor: torch.Tensor, dim: int, shape_id: str) -> None:
+    """Dynamo's mark_unbacked, with a shape_id shared by every input of the same batch.
+
+    A dim Dynamo sees with size >= 2 is specialised against 1 (a later size-1 call compiles again);
+    an unbacked dim is never assumed 0 or 1. shape_id makes the inputs' batch dims one symbol, so
+    the graph's own equalities (noise and observation batch) hold without a data-dependent guard.
+    It lives in torch._dynamo.decorators in 2.13 (not exported as torch._dynamo.mark_unbacked)."""
+    from torch._dynamo.decorators import mark_unbacked as mark
+
+    mark(tensor, dim, shape_id=shape_id)

@@ -276,3 +276,51 @@ def test_nothing_of_a_compile_stays_alive_once_the_compiled_model_and_dynamo_cac
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs), "a loader, batch or compiled model outlived its compile"
     assert not fxquant.backend._STATE
+
+
+class CountingLoader(list):
+    """A list of batches that counts the batches calibration reads from it."""
+
+    passes = 0  # batches read / batches
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.passes += 1 / len(self)
+            yield batch
+
+
+@torch.no_grad()
+def test_recompile_for_a_new_batch_size_reuses_calibration_and_solution():
+    """dynamic=None: the second batch size recompiles (automatic dynamic). The recompiled graph has
+    other sizes but the same linears and weights: it gets the first compile's quantization without
+    reading the loader again, and computes what that first graph computes."""
+    loader = CountingLoader(tensor_batches(3, (4, 64)))
+    recorder = Recorder()
+    compiled = _compile(mlp(), calib_loader=loader, inner=recorder)
+    x = torch.randn(6, 64) * 5
+    first = compiled(x)
+    passes = loader.passes
+    assert passes >= 0.99
+    y = torch.randn(9, 64) * 5
+    second = compiled(y)
+    assert len(recorder.graphs) == 2, "the second batch size should recompile (automatic dynamic)"
+    assert loader.passes == passes, "the recompile read the loader again"
+    static, dynamic = recorder.graphs
+    constants = {k: v for k, v in static.state_dict().items()}
+    for name, value in dynamic.state_dict().items():  # the same transforms, scales and weights
+        torch.testing.assert_close(value, constants[name], rtol=0, atol=0)
+    by_first = static(y[:6])  # the first graph (fixed to 6 rows) on the same rows: rows are independent
+    torch.testing.assert_close(second[:6], by_first[0] if isinstance(by_first, tuple | list) else by_first)
+    torch.testing.assert_close(first, compiled(x))
+
+
+@torch.no_grad()
+def test_a_different_graph_over_the_same_weights_is_solved_on_its_own():
+    """Another config is another solution: nothing is reused across torch.compile calls either."""
+    loader = CountingLoader(tensor_batches(3, (4, 64)))
+    model = mlp()
+    _compile(model, calib_loader=loader)(torch.randn(6, 64))
+    passes = loader.passes
+    torch._dynamo.reset()
+    _compile(model, calib_loader=loader)(torch.randn(6, 64))
+    assert loader.passes == pytest.approx(2 * passes)

@@ -72,3 +72,43 @@ def test_inductor_compiled_graph_matches_eager_graph():
     x = torch.randint(0, 128, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=x).logits, gm(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+
+
+def _batch_sizes_compiles(gm, make, backend, mark: bool) -> int:
+    """Compiles for calls of batch 2, 1, 3, 1 (the first call marked when ``mark``), each checked
+    against the eager graph."""
+    import fxquant
+
+    torch._dynamo.reset()
+    counter = backend()
+    compiled = torch.compile(gm, backend=counter, fullgraph=True, dynamic=True)
+    for number, batch in enumerate((2, 1, 3, 1)):
+        inputs = make(batch)
+        if mark and number == 0:
+            fxquant.mark_batch_unbacked(inputs)
+        with torch.no_grad():
+            got, want = compiled(**inputs), gm(**inputs)
+        got, want = getattr(got, "logits", got), getattr(want, "logits", want)
+        torch.testing.assert_close(got, want)
+    return counter.frame_count
+
+
+def test_batch_size_1_after_batch_2_compiles_once_with_mark_batch_unbacked():
+    from models import FlowLoop
+
+    llama = quantize_graph(tiny_llama(), token_batches(3), FAST)
+    flow = quantize_graph(FlowLoop(), tensor_batches(3, (4, 64)), FAST)
+    cases = {"llama": (llama, lambda b: {"input_ids": torch.randint(0, 128, (b, 16))}),
+             "flow": (flow, lambda b: {"obs": torch.randn(b, 64)})}
+    for name, (gm, make) in cases.items():
+        assert _batch_sizes_compiles(gm, make, CompileCounter, mark=False) == 2, f"{name}: the problem is gone?"
+        assert _batch_sizes_compiles(gm, make, CompileCounter, mark=True) == 1, name
+
+
+def test_mark_batch_unbacked_holds_through_inductor():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    gm = quantize_graph(tiny_llama(layers=1), token_batches(3), FAST)
+    compiles = _batch_sizes_compiles(gm, lambda b: {"input_ids": torch.randint(0, 128, (b, 16))},
+                                     lambda: CompileCounterWithBackend("inductor"), mark=True)
+    assert compiles == 1

@@ -62,3 +62,16 @@ def test_coloured_drawer():
     gm = fx.symbolic_trace(torch.nn.Linear(4, 2))
     dot = torch_private.drawer_with_colours(gm, "g", lambda n: "orange" if n.op == "call_module" else None)
     assert "orange" in dot.get_dot_graph().to_string()
+
+
+def test_mark_unbacked_makes_batch_one_share_the_graph():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    f = torch.compile(lambda x, y: x @ y.T + y.sum(), backend=counter, fullgraph=True, dynamic=True)
+    x, y = torch.randn(2, 4), torch.randn(3, 4)
+    torch_private.mark_unbacked(x, 0, shape_id="rows")
+    f(x, y)
+    f(torch.randn(1, 4), y)
+    assert counter.frame_count == 1
