@@ -89,10 +89,11 @@ def main() -> None:
         path = Path(folder) / "smollm2-w4a8.pt2"
         fxquant.save(gm, path, calib[0])
         saved = speed.archive_weight_bytes(path, speed.weight_targets(gm))
+        module = speed.weight_bytes(gm)
         print(f"  quantized linear weights: FP32 {fp32_bytes / 2**20:.1f} MiB; in the GraphModule "
-              f"{speed.weight_bytes(gm) / 2**20:.1f} MiB ({speed.weight_bytes(gm) / fp32_bytes:.3f} x, int8 codes "
-              f"for the GEMM); in the .pt2 {saved / 2**20:.1f} MiB ({saved / fp32_bytes:.3f} x, 4-bit packed); "
-              f"file {path.stat().st_size / 2**20:.1f} MiB")
+              f"{module / 2**20:.1f} MiB ({module / fp32_bytes:.3f} x: 4-bit codes two per byte for fbgemm, one "
+              f"per byte for torch._int_mm); in the .pt2 {saved / 2**20:.1f} MiB ({saved / fp32_bytes:.3f} x, "
+              f"4-bit packed); file {path.stat().st_size / 2**20:.1f} MiB")
 
     tokens = EVAL_WINDOWS * (realmodel.WINDOW - 1)
     say(f"perplexity on {EVAL_WINDOWS} held-out windows ({tokens} tokens; the accuracy table uses "
