@@ -132,7 +132,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                    help="skip layers matching (replaces the default, lm_head)")
     c.add_argument("--weight-format", choices=("fake", "packed"), default=off)
     c.add_argument("--execution", choices=("fake", "int"), default=off,
-                   help="int: integer GEMMs (torch._int_mm), 4-bit weights packed in the .pt2")
+                   help="int: integer GEMMs (torch._int_mm; fbgemm on x86 CPUs without AVX512), 4-bit weights packed")
     c.add_argument("--capture", choices=("export", "symbolic_trace"), default=off)
     c.add_argument("--seed", type=int, default=off)
 

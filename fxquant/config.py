@@ -56,7 +56,7 @@ class QuantConfig:
     capture: str = "export"  # "export" (torch.export, dynamic dims) or "symbolic_trace"
     weight_format: str = "fake"  # "fake": dequantized float constant; "packed": int4/int8 codes + scales
     execution: str = "fake"  # "fake": float ops on the integer grid (any device, for accuracy work); "int":
-    # int8 activation codes times int8-held weight codes in an integer GEMM (torch._int_mm), int4 packed on disk
+    # int8 activation codes times the weight codes in an integer GEMM (torch._int_mm; fbgemm on AVX2 CPUs)
     skip: bool = False  # only meaningful in overrides: leave the matching layers in float
     keep_float_weights: bool = False  # keep each transformed float weight in the plan (never in the
     # module), so fxquant.dump can report a site's SQNR against float weights; costs a float copy
