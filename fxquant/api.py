@@ -121,10 +121,7 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
             plan.sites[name].stats = stats
         for name, stats in solved.group_stats.items():
             plan.groups[name].stats = stats
-        floats = {s.name: fetch_attr(gm, s.weight).detach().float().cpu() for s in plan.active_sites()}
-        weights = {s: apply_to_weight(floats[s], solved.transforms[g.name])
-                   for g in plan.groups.values() for s in g.sites}
-        gm = _run([InsertTransforms(plan, solved.transforms, weights)], gm)
+        gm, _ = _insert_transforms(gm, plan, solved.transforms, _float_weights(gm, plan))
         log.info("fxquant: reused the calibration and solution of an earlier compile of this graph")
 
     with _timed(seconds, "rewrite"):
@@ -151,12 +148,9 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
         run_loader(observed_copy(gm, watch), loader, desc="fxquant calibrate")
 
     with _timed(seconds, "transforms"):  # solve, then rewrite activations and weights (still exact in float)
-        # solving is CPU math next to the CPU statistics; constants go back to the model's device
-        floats = {s.name: fetch_attr(gm, s.weight).detach().float().cpu() for s in plan.active_sites()}
+        floats = _float_weights(gm, plan)
         transforms = solve.solve_transforms(list(plan.groups.values()), inputs, floats)
-        weights = {s: apply_to_weight(floats[s], transforms[g.name])
-                   for g in plan.groups.values() for s in g.sites}
-        gm = _run([InsertTransforms(plan, transforms, weights)], gm)
+        gm, weights = _insert_transforms(gm, plan, transforms, floats)
 
     with _timed(seconds, "scales"):  # static scales are measured on the transformed activations
         kept = {g: cache.inputs.get(inputs[g]) for g in plan.groups} if cache.complete else {}
@@ -167,6 +161,19 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
         quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
     return gm, Solution(transforms, scales, quantized, {n: s.stats for n, s in plan.sites.items()},
                         {n: g.stats for n, g in plan.groups.items()})
+
+
+def _float_weights(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, torch.Tensor]:
+    """Each quantized site's weight in float32 on the CPU: solving is CPU math next to the CPU
+    statistics; constants go back to the model's device."""
+    return {s.name: fetch_attr(gm, s.weight).detach().float().cpu() for s in plan.active_sites()}
+
+
+def _insert_transforms(gm: fx.GraphModule, plan: QuantPlan, transforms: dict[str, Any],
+                       floats: dict[str, torch.Tensor]) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """``gm`` with the transforms inserted, and the transformed float weights (still exact)."""
+    weights = {s: apply_to_weight(floats[s], transforms[g.name]) for g in plan.groups.values() for s in g.sites}
+    return _run([InsertTransforms(plan, transforms, weights)], gm), weights
 
 
 @contextlib.contextmanager

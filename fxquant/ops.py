@@ -137,7 +137,8 @@ def x86_int8_kernel(device: torch.device | str = "cpu") -> bool:
 # 2 x 255 x max|w| <= 32767, that is |w| <= 64 (weights of at most 7 bits).
 X86_MAX_WEIGHT_BITS = 7
 
-_PREPACKED = WeakTensorKeyDictionary()  # first weight -> (signature, fbgemm packed params per group)
+# first weight -> ((groups, [(weakref, version) per weight]), fbgemm packed params per group)
+_PREPACKED = WeakTensorKeyDictionary()
 _PREPACK_LOCK = threading.Lock()
 
 
@@ -153,13 +154,20 @@ def _x86_engine():
         torch.backends.quantized.engine = engine
 
 
-def _signature(weights: list[torch.Tensor], groups: int) -> tuple:
-    return (groups, *((0 if w.is_inference() else w._version, weakref.ref(w)) for w in weights))
+def _cached(entry: tuple | None, weights: list[torch.Tensor], groups: int) -> bool:
+    """Whether a cache entry was packed from these very weight tensors, unmodified since."""
+    if entry is None or entry[0][0] != groups or len(entry[0][1]) != len(weights):
+        return False
+    return all(ref() is w and version == _version(w) for (ref, version), w in zip(entry[0][1], weights, strict=True))
 
 
-def _same(entry: tuple, signature: tuple) -> bool:
-    return len(entry) == len(signature) and entry[0] == signature[0] and all(
-        a[0] == b[0] and a[1]() is b[1]() for a, b in zip(entry[1:], signature[1:], strict=True))
+def _version(weight: torch.Tensor) -> int:
+    return 0 if weight.is_inference() else weight._version  # inference tensors have no version counter
+
+
+def _stacked_codes(weights: list[torch.Tensor], int4: bool) -> torch.Tensor:
+    """The weights' int8 codes stacked along N (4-bit ones unpacked from two per byte)."""
+    return torch.cat([unpack_int4(w, signed=True) if int4 else w for w in weights])
 
 
 def _prepack_x86(weights: list[torch.Tensor], groups: int, int4: bool) -> list:
@@ -167,12 +175,11 @@ def _prepack_x86(weights: list[torch.Tensor], groups: int, int4: bool) -> list:
     (scale 1, zero 0: the product comes back as the integer sum itself). Built once per list of
     weight tensors and cached beside the first one, like Inductor's weight prepacking under
     freezing; the graph's constants stay the codes (int4: two per byte, see unpack_int4)."""
-    signature = _signature(weights, groups)
     entry = _PREPACKED.get(weights[0])  # a hit needs no lock: one dict read
-    if entry is not None and _same(entry[0], signature):
+    if _cached(entry, weights, groups):
         return entry[1]
     with _PREPACK_LOCK:
-        stacked = torch.cat([unpack_int4(w, signed=True) if int4 else w for w in weights])
+        stacked = _stacked_codes(weights, int4)
         ones, zeros = torch.ones(stacked.shape[0], dtype=torch.double), torch.zeros(stacked.shape[0], dtype=torch.long)
         packed = []
         with warnings.catch_warnings(), _x86_engine():
@@ -180,7 +187,7 @@ def _prepack_x86(weights: list[torch.Tensor], groups: int, int4: bool) -> list:
             for part in stacked.chunk(groups, dim=1):
                 q = torch.quantize_per_channel(part.float(), ones, zeros, 0, torch.qint8)
                 packed.append(torch.ops.quantized.linear_prepack(q, None))
-        _PREPACKED[weights[0]] = (signature, packed)
+        _PREPACKED[weights[0]] = ((groups, [(weakref.ref(w), _version(w)) for w in weights]), packed)
         return packed
 
 
@@ -208,7 +215,7 @@ def int8_mm_x86(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4:
 
 def _int8_mm_x86_elsewhere(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
     """The same sums on another device (a graph lowered on CPU, then moved): torch._int_mm."""
-    a, weight = a.reshape(-1, a.shape[-1]), torch.cat([unpack_int4(w, signed=True) if int4 else w for w in weights])
+    a, weight = a.reshape(-1, a.shape[-1]), _stacked_codes(weights, int4)
     return torch.stack([int_matmul(x.contiguous(), w.t()).float()
                         for x, w in zip(a.chunk(groups, dim=1), weight.chunk(groups, dim=1), strict=True)])
 

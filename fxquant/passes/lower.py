@@ -140,8 +140,7 @@ def _share_gemm(gm: fx.GraphModule, codes: fx.Node) -> None:
     for (groups, kernel), linears in by_layout.items():
         if len(linears) < 2:
             continue
-        first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
-        with gm.graph.inserting_before(first):
+        with gm.graph.inserting_after(codes):  # the weights are get_attr nodes at the top of the graph
             shared = gm.graph.call_function(torch.ops.fxquant.int8_mm_x86.default,
                                             (codes, [n.args[1] for n in linears], groups, kernel == "x86_int4"))
         tag(shared, role="gemm", sites=[n.meta[META]["site"] for n in linears])
