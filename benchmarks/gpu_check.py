@@ -5,7 +5,8 @@ action expert: a flow-matching loop of --steps calls with the same weights, each
 feeding the next, a copy of every output kept (as a policy keeps its action chunk). For each module
 and dtype: whether a call raised "accessing tensor output of CUDAGraphs that has been overwritten
 by a subsequent run", the compile count, the median time of one call, and its ratio to the float
-model compiled the same way. Then the fxquant graph compiled with dynamic=True under CUDA graphs
+model compiled the same way; the fxquant graph both simulated (execution="fake") and integer
+(execution="int": torch._int_mm on CUDA). Then each fxquant graph compiled with dynamic=True under CUDA graphs
 over several token counts (compile count), and its compiled output against the eager GraphModule.
 
 One short call on a lent GPU:  python benchmarks/gpu_check.py --out results.json  (a few minutes).
@@ -91,8 +92,8 @@ def flow_loop(name: str, module: nn.Module, noise: list[torch.Tensor], steps: in
             "overwritten_error": OVERWRITTEN in error, "error": error, "median_ms": 1000 * statistics.median(steady)}
 
 
-def dynamic_check(gm: nn.Module, dtype: torch.dtype, token_counts: list[int]) -> dict:
-    """The fxquant graph compiled once with dynamic=True under CUDA graphs, over token counts;
+def dynamic_check(name: str, gm: nn.Module, dtype: torch.dtype, token_counts: list[int]) -> dict:
+    """An fxquant graph compiled once with dynamic=True under CUDA graphs, over token counts;
     and its compiled output against the eager GraphModule."""
     compiled = compile_counted(gm, dynamic=True)
     worst, error = 0.0, ""
@@ -104,7 +105,7 @@ def dynamic_check(gm: nn.Module, dtype: torch.dtype, token_counts: list[int]) ->
                 worst = max(worst, float((fast - eager).norm() / eager.norm()))
         except RuntimeError as err:
             error = str(err).splitlines()[0][:200]
-    return {"module": "fxquant graph, dynamic=True", "token_counts": token_counts, "compiles": compiles(),
+    return {"module": f"{name}, dynamic=True", "token_counts": token_counts, "compiles": compiles(),
             "compiled_vs_eager_rel_err": worst, "error": error}
 
 
@@ -128,15 +129,18 @@ def main() -> None:
         label = str(dtype).removeprefix("torch.")
         model = ActionExpert().to(DEVICE, dtype).eval()
         calib = [torch.randn(args.tokens, 1024, device=DEVICE, dtype=dtype) for _ in range(4)]
-        start = time.perf_counter()
-        gm = quantize_graph(model, calib, QuantConfig())
-        quantize_s = time.perf_counter() - start
+        graphs, quantize_s = {}, {}
+        for name, config in (("fxquant graph", QuantConfig()), ("fxquant int graph", QuantConfig(execution="int"))):
+            start = time.perf_counter()
+            graphs[name] = quantize_graph(model, calib, config)
+            quantize_s[name] = time.perf_counter() - start
         noise = [torch.randn(args.tokens, 1024, device=DEVICE, dtype=dtype) for _ in range(args.episodes)]
         rows = [flow_loop(name, module, noise, args.steps) for name, module in
-                (("float", model), ("lazy-style seed", lazy_copy(model)), ("fxquant graph", gm))]
+                (("float", model), ("lazy-style seed", lazy_copy(model)), *graphs.items())]
         for row in rows:
             row |= {"dtype": label, "ratio_to_float": row["median_ms"] / rows[0]["median_ms"]}
-        rows.append(dynamic_check(gm, dtype, [64, 128, 256, 96]) | {"dtype": label, "quantize_s": quantize_s})
+        rows += [dynamic_check(name, gm, dtype, [64, 128, 256, 96]) | {"dtype": label, "quantize_s": quantize_s[name]}
+                 for name, gm in graphs.items()]
         for row in rows:
             print(json.dumps(row), flush=True)
         results += rows
