@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import ops, solve
-from .calibrate import ActivationCache, InputStats, LoaderPasses, RangeStats, observed_copy, run_loader
+from .calibrate import ActivationCache, GramStats, InputStats, LoaderPasses, RangeStats, observed_copy, run_loader
 from .capture import batch_to_call, capture, pin_thread_count
 from .config import QuantConfig
 from .duquant import apply_to_weight
@@ -121,7 +121,8 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
             plan.sites[name].stats = stats
         for name, stats in solved.group_stats.items():
             plan.groups[name].stats = stats
-        gm, _ = _insert_transforms(gm, plan, solved.transforms, _float_weights(gm, plan))
+        gm = _insert_transforms(gm, plan, solved.transforms,
+                                _transformed_weights(plan, solved.transforms, _float_weights(gm, plan)))
         log.info("fxquant: reused the calibration and solution of an earlier compile of this graph")
 
     with _timed(seconds, "rewrite"):
@@ -136,29 +137,46 @@ def quantize_module(gm: fx.GraphModule, calib_loader: Iterable[Any], config: Qua
 
 def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: QuantConfig,
            seconds: dict[str, float]) -> tuple[fx.GraphModule, Solution]:
-    """Calibrate, solve the transforms (inserted into ``gm``), measure static scales, quantize weights."""
+    """Calibrate, solve the transforms, quantize weights, insert the transforms into ``gm``, then
+    measure static scales."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    groups = list(plan.groups.values())
+    # Gram matrices (D^2 x 8 bytes a group) are measured and solved a budget's worth at a time: the
+    # first set in the calibration pass, each later set in a pass of its own, before the graph changes
+    dims = {g.name: g.dim for g in groups if any(solve.needs_gram(plan.sites[s].config) for s in g.sites)}
+    sets = solve.gram_sets(groups, dims, config.calib_gram_gb * 2**30)
+    first = {g.name for g in sets[0] if g.name in dims}
     with _timed(seconds, "calibrate"):  # raw statistics of every group input, all calls of a weight together
         cache = ActivationCache(config.calib_cache_gb * 2**30)  # inputs of static-scale groups, for "scales"
         inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
-                                     gram=any(solve.needs_gram(plan.sites[s].config) for s in g.sites),
-                                     cache=cache if g.config.a_static else None)
-                  for g in plan.groups.values()}
-        watch = [(nodes[x], inputs[g.name]) for g in plan.groups.values() for x in g.inputs]
-        run_loader(observed_copy(gm, watch), loader, desc="fxquant calibrate")
+                                     gram=g.name in first, cache=cache if g.config.a_static else None)
+                  for g in groups}
+        run_loader(observed_copy(gm, [(nodes[x], inputs[g.name]) for g in groups for x in g.inputs]), loader,
+                   desc="fxquant calibrate")
 
-    with _timed(seconds, "transforms"):  # solve, then rewrite activations and weights (still exact in float)
+    with _timed(seconds, "transforms"):  # solved on the statistics; the graph is still the float one
         floats = _float_weights(gm, plan)
-        transforms = solve.solve_transforms(list(plan.groups.values()), inputs, floats)
-        gm, weights = _insert_transforms(gm, plan, transforms, floats)
+        transforms = solve.solve_transforms(groups, inputs, floats)
+        weights = _transformed_weights(plan, transforms, floats)
+
+    with _timed(seconds, "weights"):
+        quantized = {}
+        for number, members in enumerate(sets):
+            if number:
+                for g in members:
+                    if g.name in dims:
+                        inputs[g.name].gram_stats = GramStats(inputs[g.name].layers, g.dim)
+                run_loader(observed_copy(gm, [(nodes[x], inputs[g.name].gram_stats) for g in members
+                                              if g.name in dims for x in g.inputs]),
+                           loader, desc=f"fxquant Gram matrices {number + 1}/{len(sets)}")
+            quantized |= solve.solve_weights(plan, members, inputs, transforms, weights,
+                                             keep_float=config.keep_float_weights)
+        gm = _insert_transforms(gm, plan, transforms, weights)  # exact in float: activations x T, weights W T^-T
 
     with _timed(seconds, "scales"):  # static scales are measured on the transformed activations
         kept = {g: cache.inputs.get(inputs[g]) for g in plan.groups} if cache.complete else {}
         del cache  # the kept inputs go once the scales are measured
         scales = _calibrate_scales(gm, plan, loader, kept)
-
-    with _timed(seconds, "weights"):
-        quantized = solve.solve_weights(plan, inputs, transforms, weights, keep_float=config.keep_float_weights)
     return gm, Solution(transforms, scales, quantized, {n: s.stats for n, s in plan.sites.items()},
                         {n: g.stats for n, g in plan.groups.items()})
 
@@ -169,11 +187,15 @@ def _float_weights(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, torch.Tenso
     return {s.name: fetch_attr(gm, s.weight).detach().float().cpu() for s in plan.active_sites()}
 
 
+def _transformed_weights(plan: QuantPlan, transforms: dict[str, Any], floats: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+    return {s: apply_to_weight(floats[s], transforms[g.name]) for g in plan.groups.values() for s in g.sites}
+
+
 def _insert_transforms(gm: fx.GraphModule, plan: QuantPlan, transforms: dict[str, Any],
-                       floats: dict[str, torch.Tensor]) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
-    """``gm`` with the transforms inserted, and the transformed float weights (still exact)."""
-    weights = {s: apply_to_weight(floats[s], transforms[g.name]) for g in plan.groups.values() for s in g.sites}
-    return _run([InsertTransforms(plan, transforms, weights)], gm), weights
+                       weights: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """``gm`` with the transforms inserted and the transformed float weights in place (still exact)."""
+    return _run([InsertTransforms(plan, transforms, weights)], gm)
 
 
 @contextlib.contextmanager

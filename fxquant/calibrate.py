@@ -27,25 +27,60 @@ except ImportError:  # progress bars are optional
     tqdm = None
 
 
+class GramStats:
+    """X^T X (D, D) in float64 over every token of one group's input: what output-error clipping
+    and GPTQ read. D^2 x 8 bytes: a 16384-wide input holds 2 GiB, so the memory of these is what
+    config.calib_gram_gb bounds."""
+
+    def __init__(self, layers: str, dim: int) -> None:
+        self.layers, self.dim = layers, dim
+        # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
+        # flops, and each entry is the same float32 dot product as in the full product), the
+        # rest is mirrored when read
+        self._gram = torch.zeros(dim, dim, dtype=torch.float64)
+        self._mirrored = False
+        edges = list(range(0, dim, _GRAM_BLOCK)) if dim > 2 * _GRAM_BLOCK else [0]
+        self._rows = [slice(a, b) for a, b in zip(edges, [*edges[1:], dim], strict=True)]
+
+    @staticmethod
+    def nbytes(dim: int) -> int:
+        return dim * dim * 8
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _rows(x, self.dim)
+        for rows in self._rows:
+            block = x[:, rows].T @ x[:, rows.start:]
+            if not torch.isfinite(block).all():  # |x| ~1e19: x^2 overflows float32 (NaN and Inf stopped before)
+                raise ValueError(f"calibration activation read by {self.layers} reaches |x| = "
+                                 f"{float(x.abs().max()):.3g}: its X^T X (for w_method='gptq' and "
+                                 "w_clip='mse') overflows float32. Activations this large are out of range: "
+                                 "check the calibration data and the layers before it")
+            self._gram[rows, rows.start:] += block.double()
+        self._mirrored = False
+
+    @property
+    def value(self) -> torch.Tensor:
+        if not self._mirrored:
+            for rows in self._rows[1:]:
+                self._gram[rows, : rows.start] = self._gram[: rows.start, rows].T
+            self._mirrored = True
+        return self._gram
+
+
 class InputStats:
     """What the transform search needs from one group's input activation X (tokens x D).
 
-    Per-channel max|x| over every token of every batch; the Gram matrix X^T X (for the weight
-    quantizer: output-error clipping and GPTQ); and a bounded, seeded uniform sample of token rows
-    (reservoir by random keys), so memory stays fixed however long the loader is.
+    Per-channel max|x| over every token of every batch; a bounded, seeded uniform sample of token
+    rows (reservoir by random keys), so memory stays fixed however long the loader is; and, when
+    ``gram_stats`` is set, the Gram matrix X^T X (for the weight quantizer: output-error clipping
+    and GPTQ).
     """
 
     def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: bool,
                  cache: ActivationCache | None = None) -> None:
         self.layers, self.dim, self.sample_rows, self.cache = layers, dim, sample_rows, cache
         self.absmax = torch.zeros(dim)
-        # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
-        # flops, and each entry is the same float32 dot product as in the full product), the
-        # rest is mirrored when read
-        self._gram = torch.zeros(dim, dim, dtype=torch.float64) if gram else None
-        self._mirrored = False
-        edges = list(range(0, dim, _GRAM_BLOCK)) if dim > 2 * _GRAM_BLOCK else [0]
-        self._gram_rows = [slice(a, b) for a, b in zip(edges, [*edges[1:], dim], strict=True)]
+        self.gram_stats = GramStats(layers, dim) if gram else None
         self.rows = torch.empty(0, dim)
         self.keys = torch.empty(0)
         self.tokens = 0
@@ -57,16 +92,8 @@ class InputStats:
         x = _rows(x, self.dim)
         self.tokens += x.shape[0]
         self.absmax = torch.maximum(self.absmax, _finite_absmax(x.abs(), self.layers))
-        if self._gram is not None:
-            for rows in self._gram_rows:
-                block = x[:, rows].T @ x[:, rows.start:]
-                if not torch.isfinite(block).all():  # |x| ~1e19: x^2 overflows float32 (NaN and Inf stopped above)
-                    raise ValueError(f"calibration activation read by {self.layers} reaches |x| = "
-                                     f"{float(self.absmax.max()):.3g}: its X^T X (for w_method='gptq' and "
-                                     "w_clip='mse') overflows float32. Activations this large are out of range: "
-                                     "check the calibration data and the layers before it")
-                self._gram[rows, rows.start:] += block.double()
-            self._mirrored = False
+        if self.gram_stats is not None:
+            self.gram_stats.update(x)
         keys = torch.cat([self.keys, torch.rand(x.shape[0], generator=self.generator)])
         rows = torch.cat([self.rows, x])
         if rows.shape[0] > self.sample_rows:
@@ -77,15 +104,13 @@ class InputStats:
     @property
     def gram(self) -> torch.Tensor | None:
         """X^T X (D, D) float64 over every calibration token; None when not collected (or freed)."""
-        if self._gram is not None and not self._mirrored:
-            for rows in self._gram_rows[1:]:
-                self._gram[rows, : rows.start] = self._gram[: rows.start, rows].T
-            self._mirrored = True
-        return self._gram
+        return None if self.gram_stats is None else self.gram_stats.value
 
     @gram.setter
-    def gram(self, value: torch.Tensor | None) -> None:
-        self._gram, self._mirrored = value, True
+    def gram(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("InputStats.gram can only be freed (set to None); measure it with GramStats")
+        self.gram_stats = None
 
 
 class ActivationCache:
@@ -166,7 +191,7 @@ def _finite_absmax(x_abs: torch.Tensor, layers: str) -> torch.Tensor:
 class Observer(nn.Module):
     """Records its input into ``stats`` and returns it unchanged."""
 
-    def __init__(self, stats: InputStats | RangeStats) -> None:
+    def __init__(self, stats: InputStats | RangeStats | GramStats) -> None:
         super().__init__()
         self.stats = stats
 
@@ -175,7 +200,8 @@ class Observer(nn.Module):
         return x
 
 
-def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats | RangeStats]]) -> fx.GraphModule:
+def observed_copy(gm: fx.GraphModule, watch: Sequence[tuple[fx.Node, InputStats | RangeStats | GramStats]]
+                  ) -> fx.GraphModule:
     """A GraphModule sharing gm's tensors whose graph also feeds each watched node to an Observer."""
     observed, mapping = copy_graph_module(gm)
     graph = observed.graph

@@ -49,6 +49,8 @@ class QuantConfig:
     calib_tokens: int = 2048  # rows kept per group for the rotation search
     calib_cache_gb: float = 4.0  # inputs of static-scale layers kept from the first calibration pass, up
     # to this size, so the static scales need no second run of the model; 0: always run it again
+    calib_gram_gb: float = 8.0  # Gram matrices X^T X (float64, D^2 x 8 bytes per group: GPTQ and clip "mse")
+    # held at once, up to this size; further groups are measured in another pass over the loader each
     include: tuple[str, ...] = ()  # regexes on the layer name; empty: every linear
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -184,6 +186,10 @@ def _validate(c: QuantConfig, where: str) -> None:
     budget = c.calib_cache_gb
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
         raise _bad(where, "calib_cache_gb", budget, "use a size in GB >= 0 (0 runs the model again for static scales)")
+    budget = c.calib_gram_gb
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+        raise _bad(where, "calib_gram_gb", budget, "use a size in GB > 0 (a smaller one costs more passes over "
+                   "the calibration data)")
     for name in ("permute", "w_symmetric", "skip", "keep_float_weights"):
         if not isinstance(getattr(c, name), bool):
             raise _bad(where, name, getattr(c, name), "use True or False")

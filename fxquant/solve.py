@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import InputStats, RangeStats, progress
+from .calibrate import GramStats, InputStats, RangeStats, progress
 from .capture import TORCH_LOCK
 from .config import QuantConfig
 from .duquant import GroupSample, Transform, apply_to_activation, build_transforms, transform_gram
@@ -94,10 +94,11 @@ def _record_effect(group: Group, stats: InputStats, t: Transform) -> None:
                        mean_abs_before=float(before.mean()), mean_abs_after=float(after.mean()))
 
 
-def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: dict[str, Transform],
-                  weights: dict[str, torch.Tensor], keep_float: bool = False) -> dict[str, QuantizedWeight]:
-    """Quantize every transformed weight with its group's transformed Gram matrix (consuming the
-    raw Gram matrices of ``inputs``).
+def solve_weights(plan: QuantPlan, groups: list[Group], inputs: dict[str, InputStats],
+                  transforms: dict[str, Transform], weights: dict[str, torch.Tensor],
+                  keep_float: bool = False) -> dict[str, QuantizedWeight]:
+    """Quantize the transformed weights of ``groups`` with their group's transformed Gram matrix
+    (consuming the raw Gram matrices of ``inputs``).
 
     Sites of a group with the same weight settings are quantized as one matrix (their rows
     stacked): every quantizer here works row by row, so this is exact. Those matrices are then
@@ -105,9 +106,9 @@ def solve_weights(plan: QuantPlan, inputs: dict[str, InputStats], transforms: di
     GPTQ's column loop runs once per shape instead of once per layer.
     """
     jobs: dict[tuple, list[tuple[list[str], torch.Tensor, torch.Tensor | None]]] = {}
-    for group in plan.groups.values():
+    for group in groups:
         gram = transformed_gram(inputs[group.name], transforms[group.name])
-        # the raw Gram is consumed here: all groups' transformed Grams are held at once (for
+        # the raw Gram is consumed here: the groups' transformed Grams are held at once (for
         # batching), in the memory the raw ones free
         inputs[group.name].gram = None
         same: dict[tuple, list[str]] = {}
@@ -147,6 +148,22 @@ def _split_rows(stacked: QuantizedWeight, names: list[str], weights: dict[str, t
 
 def _weight_settings(c: QuantConfig) -> tuple:
     return c.w_bits, c.w_group_size, c.w_clip, c.w_method, c.w_symmetric
+
+
+def gram_sets(groups: list[Group], dims: dict[str, int], budget_bytes: float) -> list[list[Group]]:
+    """``groups`` split, in order, into sets whose Gram matrices together fit ``budget_bytes`` (a
+    group larger than the budget alone in its set; groups that need no Gram go with their
+    neighbours). ``dims``: the input width of each group that needs a Gram."""
+    sets: list[list[Group]] = [[]]
+    used = 0
+    for group in groups:
+        size = GramStats.nbytes(dims[group.name]) if group.name in dims else 0
+        if size and used and used + size > budget_bytes:
+            sets.append([])
+            used = 0
+        sets[-1].append(group)
+        used += size
+    return sets
 
 
 def transformed_gram(stats: InputStats, t: Transform) -> torch.Tensor | None:

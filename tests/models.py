@@ -125,3 +125,14 @@ def tensor_batches(n: int = 4, shape: tuple[int, ...] = (8, 64), seed: int = 0,
     scale = torch.ones(shape[-1])
     scale[list(outliers)] = gain
     return [torch.randn(*shape, generator=g) * scale for _ in range(n)]
+
+
+class CountingLoader(list):
+    """A list of batches that counts the batches calibration reads from it."""
+
+    passes = 0  # batches read / batches
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.passes += 1 / len(self)
+            yield batch

@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 import torch._dynamo
-from models import mlp, tensor_batches, tiny_llama, token_batches
+from models import CountingLoader, mlp, tensor_batches, tiny_llama, token_batches
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.testing import CompileCounter
@@ -276,17 +276,6 @@ def test_nothing_of_a_compile_stays_alive_once_the_compiled_model_and_dynamo_cac
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs), "a loader, batch or compiled model outlived its compile"
     assert not fxquant.backend._STATE
-
-
-class CountingLoader(list):
-    """A list of batches that counts the batches calibration reads from it."""
-
-    passes = 0  # batches read / batches
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            self.passes += 1 / len(self)
-            yield batch
 
 
 @torch.no_grad()
