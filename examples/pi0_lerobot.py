@@ -172,6 +172,8 @@ def main() -> None:
                         help="QuantConfig.calib_gram_gb: Gram matrices held at once (a 2-layer policy has ~5 GB)")
     parser.add_argument("--cache-gb", type=float, default=QuantConfig.calib_cache_gb,
                         help="QuantConfig.calib_cache_gb: calibration inputs kept for static scales (0: none)")
+    parser.add_argument("--quantize-only", action="store_true", help="stop after quantize_graph and SQNR (how "
+                        "quantize time and memory grow with --depth)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here too")
     args = parser.parse_args()
     if args.batch < 2:
@@ -208,7 +210,11 @@ def main() -> None:
         report["sqnr_db"] = sqnr_db(reference, gm(**batch))
     stages = ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items())
     print(f"quantize_graph: {report['quantize_s']:.1f} s ({stages}), {report['linears']} linears in "
-          f"{report['groups']} groups, action-chunk SQNR {report['sqnr_db']:.1f} dB", flush=True)
+          f"{report['groups']} groups, action-chunk SQNR {report['sqnr_db']:.1f} dB, peak memory "
+          f"{report['peak_mib_after_quantize']:.0f} MiB, load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.quantize_only:
+        _write(report, args.out)
+        return
 
     counted = {}
     for name, module in (("float", model), ("fxquant", gm)):
@@ -239,9 +245,16 @@ def main() -> None:
     report["peak_mib"] = peak_mib()
     report["load_average"] = os.getloadavg()
     print(table(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str))
+    _write(report, args.out)
+
+
+def _write(report: dict[str, Any], out: Path | None) -> None:
+    """The report as JSON, written atomically (a temporary file beside it, then renamed)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+            json.dump(report, f, indent=2, default=str)
+        os.replace(f.name, out)
 
 
 def table(r: dict[str, Any]) -> str:
