@@ -249,7 +249,8 @@ def transform_gram(gram: Tensor, t: Transform) -> Tensor:
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"transform_gram: gram must be square (D, D), got {tuple(gram.shape)}")
     ht = apply_to_activation(gram.to(torch.float64), t)  # H T: T acts on rows of H
-    return apply_to_activation(ht.T.contiguous(), t).T  # ((H T)^T T)^T = T^T H T
+    ht = ht.T.contiguous()  # rebound, so H T is freed: a 16384-wide Gram is 2 GiB a copy
+    return apply_to_activation(ht, t).T  # ((H T)^T T)^T = T^T H T
 
 
 def as_matrix(t: Transform) -> Tensor:

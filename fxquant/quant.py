@@ -132,15 +132,20 @@ def _gptq_hinv(gram: Tensor) -> Tensor:
     """Upper Cholesky factor (float32) of (H + damp I)^-1, H = X^T X: row i holds column i's
     error feedback onto the later columns, in closed form."""
     cols = gram.shape[0]
-    h = gram.detach().to(torch.float64).clone()
-    dead = h.diagonal() == 0
+    # Only the diagonal changes (dampening, dead channels), in float64; the factorisation runs in
+    # float32 (as GPTQ does: 2x faster, 4e-6 relative error on SmolLM2's Grams). Building the
+    # float32 matrix directly, never a float64 copy or identity, keeps a 16384-wide input's
+    # transient memory at a few float32 copies (1 GiB each) instead of float64 ones (2 GiB).
+    diagonal = gram.detach().diagonal().to(torch.float64).clone()
     # A dead input channel (never non-zero) has no curvature: make H invertible there; its
     # column is then plain RTN and its error couples to nothing.
-    h[dead, dead] = 1.0
-    damp = 0.01 * h.diagonal().mean()
+    diagonal[diagonal == 0] = 1.0
+    damp = 0.01 * diagonal.mean()
     for _ in range(5):
-        # factorised in float32 (as GPTQ does): 2x faster, 4e-6 relative error on SmolLM2's Grams
-        chol, info = torch.linalg.cholesky_ex((h + damp * torch.eye(cols, dtype=torch.float64)).flip(0, 1).float())
+        h = gram.detach().float()
+        h.diagonal().copy_(diagonal + damp)
+        chol, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        del h
         if info == 0:
             break
         damp = damp * 10  # numerically indefinite Gram: dampen more rather than fail
@@ -149,6 +154,7 @@ def _gptq_hinv(gram: Tensor) -> Tensor:
     # With J the index flip, J chol(J H J) J = V is upper triangular and H = V V^T, so
     # H^-1 = V^-T V^-1: its upper factor is V^-1, one triangular inverse (no second Cholesky).
     v = chol.flip(0, 1)
+    del chol
     return torch.linalg.solve_triangular(v, torch.eye(cols), upper=True)
 
 
