@@ -73,7 +73,10 @@ def mark_batch_unbacked(batch: Any) -> Any:
 
     Without it, torch.compile(gm, dynamic=True) first called with batch 2 assumes the batch is
     never 1, and a later batch of 1 compiles a second graph. Every tensor's dim 0 must be the
-    batch (runtime asserts check they agree). Only the compiling call needs the marks."""
+    batch (runtime asserts check they agree). Only the compiling call needs the marks. A graph
+    with convolutions (a vision tower) under Inductor: compile that call inside
+    torch._inductor.config.patch(layout_optimization=False); torch 2.13's channels-last choice
+    expects strides the convolution does not return under an unbacked batch."""
     for tensor in torch_private.tree_leaves(batch):
         if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
             torch_private.mark_unbacked(tensor, 0, shape_id="fxquant_batch")
