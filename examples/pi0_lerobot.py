@@ -80,8 +80,7 @@ def _pinned(cls: type, **values: Any) -> type:
     def setattr_(self: Any, name: str, value: Any) -> None:
         cls.__setattr__(self, name, values.get(name, value))
 
-    pinned = type(cls.__name__, (cls,), {"__setattr__": setattr_})
-    return pinned
+    return type(cls.__name__, (cls,), {"__setattr__": setattr_})
 
 
 def build_policy(depth: int, vision_depth: int, device: str, seed: int = 0, tiny: bool = False) -> nn.Module:

@@ -143,9 +143,9 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
     groups = list(plan.groups.values())
     # Gram matrices (D^2 x 8 bytes a group) are measured and solved a budget's worth at a time: the
     # first set in the calibration pass, each later set in a pass of its own, before the graph changes
-    dims = {g.name: g.dim for g in groups if any(solve.needs_gram(plan.sites[s].config) for s in g.sites)}
-    sets = solve.gram_sets(groups, dims, config.calib_gram_gb * 2**30)
-    first = {g.name for g in sets[0] if g.name in dims}
+    needs_gram = {g.name for g in groups if any(solve.needs_gram(plan.sites[s].config) for s in g.sites)}
+    sets = solve.gram_sets(groups, needs_gram, config.calib_gram_gb * 2**30)
+    first = {g.name for g in sets[0]} & needs_gram
     with _timed(seconds, "calibrate"):  # raw statistics of every group input, all calls of a weight together
         cache = ActivationCache(config.calib_cache_gb * 2**30)  # inputs of static-scale groups, for "scales"
         inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
@@ -162,13 +162,12 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
     with _timed(seconds, "weights"):
         quantized = {}
         for number, members in enumerate(sets):
-            if number:
-                for g in members:
-                    if g.name in dims:
-                        inputs[g.name].gram_stats = GramStats(inputs[g.name].layers, g.dim)
-                run_loader(observed_copy(gm, [(nodes[x], inputs[g.name].gram_stats) for g in members
-                                              if g.name in dims for x in g.inputs]),
-                           loader, desc=f"fxquant Gram matrices {number + 1}/{len(sets)}")
+            if number:  # the first set's Grams came with the calibration pass
+                watch = []
+                for g in (g for g in members if g.name in needs_gram):
+                    inputs[g.name].gram_stats = GramStats(inputs[g.name].layers, g.dim)
+                    watch += [(nodes[x], inputs[g.name].gram_stats) for x in g.inputs]
+                run_loader(observed_copy(gm, watch), loader, desc=f"fxquant Gram matrices {number + 1}/{len(sets)}")
             quantized |= solve.solve_weights(plan, members, inputs, transforms, weights,
                                              keep_float=config.keep_float_weights)
         gm = _insert_transforms(gm, plan, transforms, weights)  # exact in float: activations x T, weights W T^-T

@@ -106,10 +106,7 @@ class InputStats:
         """X^T X (D, D) float64 over every calibration token; None when not collected (or freed)."""
         return None if self.gram_stats is None else self.gram_stats.value
 
-    @gram.setter
-    def gram(self, value: None) -> None:
-        if value is not None:
-            raise ValueError("InputStats.gram can only be freed (set to None); measure it with GramStats")
+    def drop_gram(self) -> None:
         self.gram_stats = None
 
 

@@ -110,7 +110,7 @@ def solve_weights(plan: QuantPlan, groups: list[Group], inputs: dict[str, InputS
         gram = transformed_gram(inputs[group.name], transforms[group.name])
         # the raw Gram is consumed here: the groups' transformed Grams are held at once (for
         # batching), in the memory the raw ones free
-        inputs[group.name].gram = None
+        inputs[group.name].drop_gram()
         same: dict[tuple, list[str]] = {}
         for name in group.sites:
             if plan.sites[name].config.w_quantized:
@@ -150,14 +150,14 @@ def _weight_settings(c: QuantConfig) -> tuple:
     return c.w_bits, c.w_group_size, c.w_clip, c.w_method, c.w_symmetric
 
 
-def gram_sets(groups: list[Group], dims: dict[str, int], budget_bytes: float) -> list[list[Group]]:
+def gram_sets(groups: list[Group], needs_gram: set[str], budget_bytes: float) -> list[list[Group]]:
     """``groups`` split, in order, into sets whose Gram matrices together fit ``budget_bytes`` (a
-    group larger than the budget alone in its set; groups that need no Gram go with their
-    neighbours). ``dims``: the input width of each group that needs a Gram."""
+    group larger than the budget alone in its set; groups not in ``needs_gram`` go with their
+    neighbours)."""
     sets: list[list[Group]] = [[]]
     used = 0
     for group in groups:
-        size = GramStats.nbytes(dims[group.name]) if group.name in dims else 0
+        size = GramStats.nbytes(group.dim) if group.name in needs_gram else 0
         if size and used and used + size > budget_bytes:
             sets.append([])
             used = 0

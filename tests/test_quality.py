@@ -60,13 +60,13 @@ def test_gram_budget_bounds_memory_and_changes_no_result(monkeypatch):
         peak[0] = max(peak[0], sum(calibrate.GramStats.nbytes(g.dim) for g in alive if g._gram is not None))
 
     monkeypatch.setattr(calibrate.GramStats, "__init__", counting_init)
-    real_setter = calibrate.InputStats.gram.fset
+    real_drop = calibrate.InputStats.drop_gram
 
-    def freeing_setter(self, value):
+    def counting_drop(self):
         alive.discard(self.gram_stats)
-        real_setter(self, value)
+        real_drop(self)
 
-    monkeypatch.setattr(calibrate.InputStats, "gram", calibrate.InputStats.gram.setter(freeing_setter))
+    monkeypatch.setattr(calibrate.InputStats, "drop_gram", counting_drop)
     model = mlp(64, 128)  # groups: fc1 input (64 wide, 32 KiB Gram), fc2 input (128 wide, 128 KiB)
     x = torch.randn(16, 64)
     results = {}
