@@ -7,12 +7,12 @@ it and Inductor fuses the pointwise parts into their neighbours.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import warnings
 import weakref
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 
 def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -137,9 +137,21 @@ def x86_int8_kernel(device: torch.device | str = "cpu") -> bool:
 # 2 x 255 x max|w| <= 32767, that is |w| <= 64 (weights of at most 7 bits).
 X86_MAX_WEIGHT_BITS = 7
 
-# first weight -> ((groups, [(weakref, version) per weight]), fbgemm packed params per group)
-_PREPACKED = WeakTensorKeyDictionary()
+# id(first weight) -> _Packed: fbgemm's packed copies, freed with the first weight (weakref callback)
+_PREPACKED: dict[int, _Packed] = {}
 _PREPACK_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    groups: int
+    sources: tuple[tuple[weakref.ref, int], ...]  # (weight, its version) per weight
+    params: list  # fbgemm packed params, one per group of input columns
+
+    def packed_from(self, weights: list[torch.Tensor], groups: int) -> bool:
+        """Whether these params were packed from these very weight tensors, unmodified since."""
+        return self.groups == groups and len(self.sources) == len(weights) and all(
+            ref() is w and version == _version(w) for (ref, version), w in zip(self.sources, weights, strict=True))
 
 
 @contextlib.contextmanager
@@ -152,13 +164,6 @@ def _x86_engine():
         yield
     finally:
         torch.backends.quantized.engine = engine
-
-
-def _cached(entry: tuple | None, weights: list[torch.Tensor], groups: int) -> bool:
-    """Whether a cache entry was packed from these very weight tensors, unmodified since."""
-    if entry is None or entry[0][0] != groups or len(entry[0][1]) != len(weights):
-        return False
-    return all(ref() is w and version == _version(w) for (ref, version), w in zip(entry[0][1], weights, strict=True))
 
 
 def _version(weight: torch.Tensor) -> int:
@@ -175,61 +180,74 @@ def _prepack_x86(weights: list[torch.Tensor], groups: int, int4: bool) -> list:
     (scale 1, zero 0: the product comes back as the integer sum itself). Built once per list of
     weight tensors and cached beside the first one, like Inductor's weight prepacking under
     freezing; the graph's constants stay the codes (int4: two per byte, see unpack_int4)."""
-    entry = _PREPACKED.get(weights[0])  # a hit needs no lock: one dict read
-    if _cached(entry, weights, groups):
-        return entry[1]
+    entry = _PREPACKED.get(id(weights[0]))  # a hit needs no lock: one dict read
+    if entry is not None and entry.packed_from(weights, groups):
+        return entry.params
     with _PREPACK_LOCK:
         stacked = _stacked_codes(weights, int4)
         ones, zeros = torch.ones(stacked.shape[0], dtype=torch.double), torch.zeros(stacked.shape[0], dtype=torch.long)
-        packed = []
+        params = []
         with warnings.catch_warnings(), _x86_engine():
             warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*deprecated")
             for part in stacked.chunk(groups, dim=1):
                 q = torch.quantize_per_channel(part.float(), ones, zeros, 0, torch.qint8)
-                packed.append(torch.ops.quantized.linear_prepack(q, None))
-        _PREPACKED[weights[0]] = ((groups, [(weakref.ref(w), _version(w)) for w in weights]), packed)
-        return packed
+                params.append(torch.ops.quantized.linear_prepack(q, None))
+        key = id(weights[0])
+
+        def forget(ref: weakref.ref) -> None:  # the first weight died: its id may be reused
+            if key in _PREPACKED and _PREPACKED[key].sources[0][0] is ref:
+                del _PREPACKED[key]
+        sources = tuple((weakref.ref(w, forget if i == 0 else None), _version(w)) for i, w in enumerate(weights))
+        _PREPACKED[key] = _Packed(groups, sources, params)
+        return params
 
 
 # A plain library op, not torch.library.custom_op: at one token a call is ~50 us of Python there,
-# as long as fbgemm's GEMM itself (measured, K=576 N=960).
+# as long as fbgemm's GEMM itself (measured, K=576 N=960). Its body is one cache read and one fbgemm
+# call: each extra tensor op (a cast, a view) cost ~10 us a call on the 2-core AVX2 machine, so the
+# graph hands it 2-D float codes and reads a 2-D result (measured in the README's profile).
 _LIBRARY = torch.library.Library("fxquant", "FRAGMENT")
-_LIBRARY.define("int8_mm_x86(Tensor a, Tensor[] weights, int groups, bool int4) -> Tensor")
+_LIBRARY.define("fbgemm_int8_mm(Tensor a, Tensor[] weights, int groups, bool int4) -> Tensor")
+_FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 
 
-def int8_mm_x86(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
-    """a (..., K) int8 codes times each weight (N_i, K) int8, in one GEMM: float32 (G, M, sum N_i)
-    with M = the leading dims' product, holding per group g of K/G input columns the exact int32
-    sums of a[:, g] @ w[:, g].T (exact while |sums| < 2^24). Weight codes must satisfy |w| <= 64;
-    int4: the weights are (N_i, K/2) uint8, two signed 4-bit codes per byte (unpack_int4).
+def fbgemm_int8_mm(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
+    """a (M, K) float32 holding int8 codes times each weight (N_i, K) int8, in one GEMM: the exact
+    int32 sums as float32 (exact while |sums| < 2^24), (M, sum N_i), or (G, M, sum N_i) per group g
+    of K/G input columns (a[:, g] @ w[:, g].T) when groups G > 1. Weight codes must satisfy
+    |w| <= 64; int4: the weights are (N_i, K/2) uint8, two signed 4-bit codes per byte (unpack_int4).
 
     fbgemm quantizes its float input with scale 1 and zero point 128, so it sees the codes
     themselves (shifted to u8 and back inside)."""
-    run = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
-    packed = _prepack_x86(weights, groups, int4)
-    a = a.reshape(-1, a.shape[-1]).float()
+    params = _prepack_x86(weights, groups, int4)
     if groups == 1:
-        return run(a, 1.0, 128, packed[0]).unsqueeze(0)
-    return torch.stack([run(x.contiguous(), 1.0, 128, w) for x, w in zip(a.chunk(groups, dim=1), packed, strict=True)])
+        return _FBGEMM(a, 1.0, 128, params[0])
+    return torch.stack([_FBGEMM(x.contiguous(), 1.0, 128, w) for x, w in zip(a.chunk(groups, dim=1), params,
+                                                                             strict=True)])
 
 
-def _int8_mm_x86_elsewhere(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
+def _fbgemm_int8_mm_elsewhere(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
     """The same sums on another device (a graph lowered on CPU, then moved): torch._int_mm."""
-    a, weight = a.reshape(-1, a.shape[-1]), _stacked_codes(weights, int4)
-    return torch.stack([int_matmul(x.contiguous(), w.t()).float()
-                        for x, w in zip(a.chunk(groups, dim=1), weight.chunk(groups, dim=1), strict=True)])
+    weight = _stacked_codes(weights, int4)
+    sums = [int_matmul(x.to(torch.int8).contiguous(), w.t()).float()
+            for x, w in zip(a.chunk(groups, dim=1), weight.chunk(groups, dim=1), strict=True)]
+    return sums[0] if groups == 1 else torch.stack(sums)
 
 
-_LIBRARY.impl("int8_mm_x86", int8_mm_x86, "CPU")
-_LIBRARY.impl("int8_mm_x86", _int8_mm_x86_elsewhere, "CUDA")
+_LIBRARY.impl("fbgemm_int8_mm", fbgemm_int8_mm, "CPU")
+_LIBRARY.impl("fbgemm_int8_mm", _fbgemm_int8_mm_elsewhere, "CUDA")
 
 
-@torch.library.register_fake("fxquant::int8_mm_x86", lib=_LIBRARY)
+@torch.library.register_fake("fxquant::fbgemm_int8_mm", lib=_LIBRARY)
 def _(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
-    rows = 1
-    for size in a.shape[:-1]:
-        rows = rows * size
-    return a.new_empty((groups, rows, sum(w.shape[0] for w in weights)), dtype=torch.float32)
+    shape = (a.shape[0], sum(w.shape[0] for w in weights))
+    return a.new_empty(shape if groups == 1 else (groups, *shape), dtype=torch.float32)
+
+
+def gemm_input(codes: torch.Tensor) -> torch.Tensor:
+    """fbgemm_int8_mm's input: the codes (..., K) as a float32 (M, K) matrix (Inductor fuses the
+    cast into the quantizer that makes them)."""
+    return codes.reshape(-1, codes.shape[-1]).float()
 
 
 def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -244,19 +262,19 @@ def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     (..., 1) and, when asymmetric, x_zero (..., 1) int32 with w_colsum (G, N) int32 = the sum of
     each group's weight codes. Asymmetric weights bring w_zero (G, N) float32. With q = codes and
     w = weight, per group: sum_k (q - zx)(w - zw) = q.w - zx sum(w) - zw sum(q) + K zx zw.
-    kernel: "int_mm" (torch._int_mm, int32 sums) or "x86" (int8_mm_x86, the same sums in float32);
+    kernel: "int_mm" (torch._int_mm, int32 sums) or "x86" (fbgemm_int8_mm, the same sums in float32);
     "x86_int4": as "x86" with weight (N, K/2) uint8, two 4-bit codes per byte.
-    sums: this linear's columns (G, M, N) of an int8_mm_x86 shared with its group's other linears
-    (one GEMM for q/k/v); weight is then only read for its shape.
+    sums: this linear's columns ((M, N), or (G, M, N) with G > 1) of an fbgemm_int8_mm shared with its
+    group's other linears (one GEMM for q/k/v); weight is then only read for its shape.
     """
     lead, k = codes.shape[:-1], codes.shape[-1]
     q = codes.reshape(-1, k)
     groups = scale.shape[0]
     size = k // groups
+    if sums is None and kernel.startswith("x86"):
+        sums = torch.ops.fxquant.fbgemm_int8_mm(gemm_input(q), [weight], groups, kernel == "x86_int4")
     if sums is not None:
-        sums = sums.unbind(0)
-    elif kernel.startswith("x86"):
-        sums = torch.ops.fxquant.int8_mm_x86(q, [weight], groups, kernel == "x86_int4").unbind(0)
+        sums = [sums] if groups == 1 else sums.unbind(0)
     else:  # one GEMM per channel (G = 1) or per group of input columns
         sums = [int_matmul(q if groups == 1 else q[:, g * size:(g + 1) * size].contiguous(),
                            weight[:, g * size:(g + 1) * size].t()) for g in range(groups)]

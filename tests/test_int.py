@@ -2,6 +2,7 @@
 on int8-held weights, no float copy of a quantized weight, one compile, 4-bit weights on disk."""
 
 import dataclasses
+import gc
 import zipfile
 
 import pytest
@@ -12,6 +13,7 @@ from torch._dynamo.testing import CompileCounter
 
 import fxquant
 from fxquant import QuantConfig, ops, quantize_graph
+from fxquant.passes import lower
 from fxquant.passes.verify import check_invariants
 from fxquant.quant import dequantize_weight, pack_int4, quantize_weight
 
@@ -155,7 +157,7 @@ def test_int_graph_compiles_once_for_batch_2_to_8_and_runs_the_integer_gemm():
     if KERNEL == "int_mm":
         assert targets.count(torch._int_mm) == 14, "every quantized linear runs torch._int_mm"
     else:  # per layer one GEMM for q/k/v, one for gate/up, one each for o_proj and down_proj
-        x86 = (torch.ops.fxquant.int8_mm_x86, torch.ops.fxquant.int8_mm_x86.default)
+        x86 = (torch.ops.fxquant.fbgemm_int8_mm, torch.ops.fxquant.fbgemm_int8_mm.default)
         gemms = [n for n in graphs[0].graph.nodes if n.target in x86]
         assert sorted(len(n.args[1]) for n in gemms) == [1, 1, 1, 1, 2, 2, 3, 3]
 
@@ -249,7 +251,6 @@ def test_cli_execution_int_writes_an_integer_graph(tmp_path, monkeypatch):
 def test_shared_gemm_gives_the_same_outputs_as_one_gemm_per_linear(monkeypatch, kernel):
     """q/k/v and gate/up read one activation: one fbgemm GEMM over their stacked weights gives each
     linear the same integer sums, so the graph's outputs equal torch._int_mm's bit for bit."""
-    from fxquant.passes import lower
 
     model, data = tiny_llama(), token_batches(3)
     config = dataclasses.replace(INT, a_granularity="token", w_group_size=16, w_symmetric=False)
@@ -257,20 +258,21 @@ def test_shared_gemm_gives_the_same_outputs_as_one_gemm_per_linear(monkeypatch, 
     shared = quantize_graph(model, data, config)
     monkeypatch.setattr(lower, "choose_kernel", lambda qw: "int_mm")
     separate = quantize_graph(model, data, config)
-    gemms = [n for n in shared.graph.nodes if n.target is torch.ops.fxquant.int8_mm_x86.default]
+    gemms = [n for n in shared.graph.nodes if n.target is torch.ops.fxquant.fbgemm_int8_mm.default]
     assert sorted(len(n.args[1]) for n in gemms) == [2, 2, 3, 3] and all(n.args[2] == 4 for n in gemms)
     with torch.no_grad():
         assert torch.equal(shared(**data[0]).logits, separate(**data[0]).logits)
 
 
 @X86
-def test_fbgemm_weights_are_packed_once_and_survive_compile_and_another_engine():
+def test_fbgemm_weights_are_packed_once_and_survive_compile_and_another_engine(monkeypatch):
+    monkeypatch.setattr(lower, "choose_kernel", lambda qw: "x86_int4")  # also where int_mm is the pick
     gm = quantize_graph(mlp(), tensor_batches(3, (8, 64)), INT)
     weights = _weight_codes(gm)
     x = torch.randn(4, 64)
     with torch.no_grad():
         want = gm(x)
-    packed = [ops._PREPACKED[w][1] for w in weights]
+    packed = [ops._PREPACKED[id(w)].params for w in weights]
     torch._dynamo.reset()
     compiled = torch.compile(gm, backend="eager", fullgraph=True, dynamic=True)
     engine = torch.backends.quantized.engine
@@ -284,8 +286,25 @@ def test_fbgemm_weights_are_packed_once_and_survive_compile_and_another_engine()
     finally:
         torch.backends.quantized.engine = engine
     assert torch.equal(got, want)
-    repacked = [w for w, p in zip(weights, packed, strict=True) if ops._PREPACKED[w][1] is not p]
+    repacked = [w for w, p in zip(weights, packed, strict=True) if ops._PREPACKED[id(w)].params is not p]
     assert not repacked, "a call packed the weights again"
+
+
+@X86
+def test_fbgemm_packed_copies_are_freed_with_their_weights_and_never_reused_for_others():
+    codes = torch.randint(-8, 8, (24, 32), dtype=torch.int8)
+    a = torch.randint(-128, 128, (5, 32)).float()
+    first = codes.clone()
+    got = torch.ops.fxquant.fbgemm_int8_mm(a, [first], 1, False)
+    assert torch.equal(got, a @ codes.float().t()) and id(first) in ops._PREPACKED
+    key = id(first)
+    del first
+    gc.collect()
+    assert key not in ops._PREPACKED, "the packed copy outlived its weight"
+    changed = codes.clone()
+    torch.ops.fxquant.fbgemm_int8_mm(a, [changed], 1, False)
+    changed.neg_()  # an in-place edit bumps the version: the next call packs again
+    assert torch.equal(torch.ops.fxquant.fbgemm_int8_mm(a, [changed], 1, False), -(a @ codes.float().t()))
 
 
 @X86

@@ -131,7 +131,7 @@ def _replace_linear(gm: fx.GraphModule, linear: fx.Node, x: tuple[fx.Node, ...],
 
 def _share_gemm(gm: fx.GraphModule, codes: fx.Node) -> None:
     """The fbgemm linears that read the same activation codes (q/k/v, gate/up) get their sums from
-    one int8_mm_x86 over all their weights: one GEMM, each linear reading its own columns. Each
+    one fbgemm_int8_mm over all their weights: one GEMM, each linear reading its own columns. Each
     keeps its own node and constants, so the plan, dump and save still see one linear per layer."""
     by_layout: dict[tuple[int, str], list[fx.Node]] = {}  # (groups, kernel) -> linears
     for user in codes.users:
@@ -140,10 +140,13 @@ def _share_gemm(gm: fx.GraphModule, codes: fx.Node) -> None:
     for (groups, kernel), linears in by_layout.items():
         if len(linears) < 2:
             continue
+        sites = [n.meta[META]["site"] for n in linears]
         with gm.graph.inserting_after(codes):  # the weights are get_attr nodes at the top of the graph
-            shared = gm.graph.call_function(torch.ops.fxquant.int8_mm_x86.default,
-                                            (codes, [n.args[1] for n in linears], groups, kernel == "x86_int4"))
-        tag(shared, role="gemm", sites=[n.meta[META]["site"] for n in linears])
+            matrix = tag(gm.graph.call_function(ops.gemm_input, (codes,)), role="gemm", sites=sites)
+        with gm.graph.inserting_after(matrix):
+            shared = gm.graph.call_function(torch.ops.fxquant.fbgemm_int8_mm.default,
+                                            (matrix, [n.args[1] for n in linears], groups, kernel == "x86_int4"))
+        tag(shared, role="gemm", sites=sites)
         start = 0
         for linear in linears:
             width = fetch_attr(gm, linear.args[1].target).shape[0]
