@@ -137,19 +137,21 @@ def x86_int8_kernel(device: torch.device | str = "cpu") -> bool:
 # 2 x 255 x max|w| <= 32767, that is |w| <= 64 (weights of at most 7 bits).
 X86_MAX_WEIGHT_BITS = 7
 
-# id(first weight) -> _Packed: fbgemm's packed copies, freed with the first weight (weakref callback)
-_PREPACKED: dict[int, _Packed] = {}
-_PREPACK_LOCK = threading.Lock()
+# (id(first weight), kernel) -> _Prepared: a kernel's own copy of a list of weight tensors, built at
+# the first call and freed with the first weight (weakref callback), like Inductor's weight
+# prepacking under freezing; the graph's constants stay the codes (4-bit ones two per byte).
+_PREPARED: dict[tuple[int, str], _Prepared] = {}
+_PREPARE_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
-class _Packed:
+class _Prepared:
     groups: int
     sources: tuple[tuple[weakref.ref, int], ...]  # (weight, its version) per weight
-    params: list  # fbgemm packed params, one per group of input columns
+    forms: list  # the kernel's form of the stacked weights, one per group of input columns
 
-    def packed_from(self, weights: list[torch.Tensor], groups: int) -> bool:
-        """Whether these params were packed from these very weight tensors, unmodified since."""
+    def made_from(self, weights: list[torch.Tensor], groups: int) -> bool:
+        """Whether these forms were made from these very weight tensors, unmodified since."""
         return self.groups == groups and len(self.sources) == len(weights) and all(
             ref() is w and version == _version(w) for (ref, version), w in zip(self.sources, weights, strict=True))
 
@@ -175,31 +177,45 @@ def _stacked_codes(weights: list[torch.Tensor], int4: bool) -> torch.Tensor:
     return torch.cat([unpack_int4(w, signed=True) if int4 else w for w in weights])
 
 
-def _prepack_x86(weights: list[torch.Tensor], groups: int, int4: bool) -> list:
-    """fbgemm's packed form of the weights' codes stacked along N, one per group of input columns
-    (scale 1, zero 0: the product comes back as the integer sum itself). Built once per list of
-    weight tensors and cached beside the first one, like Inductor's weight prepacking under
-    freezing; the graph's constants stay the codes (int4: two per byte, see unpack_int4)."""
-    entry = _PREPACKED.get(id(weights[0]))  # a hit needs no lock: one dict read
-    if entry is not None and entry.packed_from(weights, groups):
-        return entry.params
-    with _PREPACK_LOCK:
-        stacked = _stacked_codes(weights, int4)
-        ones, zeros = torch.ones(stacked.shape[0], dtype=torch.double), torch.zeros(stacked.shape[0], dtype=torch.long)
-        params = []
-        with warnings.catch_warnings(), _x86_engine():
-            warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*deprecated")
-            for part in stacked.chunk(groups, dim=1):
-                q = torch.quantize_per_channel(part.float(), ones, zeros, 0, torch.qint8)
-                params.append(torch.ops.quantized.linear_prepack(q, None))
-        key = id(weights[0])
+def _fbgemm_forms(stacked: torch.Tensor, groups: int) -> list:
+    """fbgemm's packed params per group of input columns (scale 1, zero 0: the product comes back
+    as the integer sum itself)."""
+    ones = torch.ones(stacked.shape[0], dtype=torch.double)
+    zeros = torch.zeros(stacked.shape[0], dtype=torch.long)
+    params = []
+    with warnings.catch_warnings(), _x86_engine():
+        warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*deprecated")
+        for part in stacked.chunk(groups, dim=1):
+            q = torch.quantize_per_channel(part.float(), ones, zeros, 0, torch.qint8)
+            params.append(torch.ops.quantized.linear_prepack(q, None))
+    return params
+
+
+def _int_mm_forms(stacked: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """torch._int_mm's right operand per group: (K/G, N) int8, the transpose of a contiguous (N, K/G)
+    (measured faster than a contiguous (K, N) at one token on an AVX512 CPU)."""
+    return [part.contiguous().t() for part in stacked.chunk(groups, dim=1)]
+
+
+_FORMS = {"fbgemm": _fbgemm_forms, "int_mm": _int_mm_forms}
+
+
+def _prepared(weights: list[torch.Tensor], groups: int, int4: bool, kernel: str) -> list:
+    """``kernel``'s form of the weights' codes stacked along N, one per group of input columns:
+    built once per list of weight tensors and cached by the first one."""
+    key = (id(weights[0]), kernel)
+    entry = _PREPARED.get(key)  # a hit needs no lock: one dict read
+    if entry is not None and entry.made_from(weights, groups):
+        return entry.forms
+    with _PREPARE_LOCK:
+        forms = _FORMS[kernel](_stacked_codes(weights, int4), groups)
 
         def forget(ref: weakref.ref) -> None:  # the first weight died: its id may be reused
-            if key in _PREPACKED and _PREPACKED[key].sources[0][0] is ref:
-                del _PREPACKED[key]
+            if key in _PREPARED and _PREPARED[key].sources[0][0] is ref:
+                del _PREPARED[key]
         sources = tuple((weakref.ref(w, forget if i == 0 else None), _version(w)) for i, w in enumerate(weights))
-        _PREPACKED[key] = _Packed(groups, sources, params)
-        return params
+        _PREPARED[key] = _Prepared(groups, sources, forms)
+        return forms
 
 
 # A plain library op, not torch.library.custom_op: at one token a call is ~50 us of Python there,
@@ -219,7 +235,7 @@ def fbgemm_int8_mm(a: torch.Tensor, weights: list[torch.Tensor], groups: int, in
 
     fbgemm quantizes its float input with scale 1 and zero point 128, so it sees the codes
     themselves (shifted to u8 and back inside)."""
-    params = _prepack_x86(weights, groups, int4)
+    params = _prepared(weights, groups, int4, "fbgemm")
     if groups == 1:
         return _FBGEMM(a, 1.0, 128, params[0])
     return torch.stack([_FBGEMM(x.contiguous(), 1.0, 128, w) for x, w in zip(a.chunk(groups, dim=1), params,
@@ -227,10 +243,11 @@ def fbgemm_int8_mm(a: torch.Tensor, weights: list[torch.Tensor], groups: int, in
 
 
 def _fbgemm_int8_mm_elsewhere(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> torch.Tensor:
-    """The same sums on another device (a graph lowered on CPU, then moved): torch._int_mm."""
-    weight = _stacked_codes(weights, int4)
-    sums = [int_matmul(x.to(torch.int8).contiguous(), w.t()).float()
-            for x, w in zip(a.chunk(groups, dim=1), weight.chunk(groups, dim=1), strict=True)]
+    """The same sums on another device (a graph lowered on CPU, then moved to CUDA): torch._int_mm on
+    an int8 copy of the stacked weights made once, not unpacked per call."""
+    forms = _prepared(weights, groups, int4, "int_mm")
+    sums = [int_matmul(x.to(torch.int8).contiguous(), w).float()
+            for x, w in zip(a.chunk(groups, dim=1), forms, strict=True)]
     return sums[0] if groups == 1 else torch.stack(sums)
 
 
@@ -295,7 +312,7 @@ def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     out = out.to(out_dtype)
     if bias is not None:
         out = out + bias
-    return out.reshape(*lead, weight.shape[0])
+    return out.reshape(*lead, out.shape[-1])
 
 
 @torch.library.custom_op("fxquant::unpack_int4", mutates_args=())

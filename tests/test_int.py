@@ -272,7 +272,7 @@ def test_fbgemm_weights_are_packed_once_and_survive_compile_and_another_engine(m
     x = torch.randn(4, 64)
     with torch.no_grad():
         want = gm(x)
-    packed = [ops._PREPACKED[id(w)].params for w in weights]
+    packed = [ops._PREPARED[id(w), "fbgemm"].forms for w in weights]
     torch._dynamo.reset()
     compiled = torch.compile(gm, backend="eager", fullgraph=True, dynamic=True)
     engine = torch.backends.quantized.engine
@@ -286,25 +286,28 @@ def test_fbgemm_weights_are_packed_once_and_survive_compile_and_another_engine(m
     finally:
         torch.backends.quantized.engine = engine
     assert torch.equal(got, want)
-    repacked = [w for w, p in zip(weights, packed, strict=True) if ops._PREPACKED[id(w)].params is not p]
+    repacked = [w for w, p in zip(weights, packed, strict=True) if ops._PREPARED[id(w), "fbgemm"].forms is not p]
     assert not repacked, "a call packed the weights again"
 
 
-@X86
-def test_fbgemm_packed_copies_are_freed_with_their_weights_and_never_reused_for_others():
+@pytest.mark.parametrize("kernel", [pytest.param("fbgemm", marks=X86), "int_mm"])
+def test_prepared_copies_are_freed_with_their_weights_and_never_reused_for_others(kernel):
+    """fbgemm's packed copy (CPU) and the int8 copy its CUDA fallback reads (run here on CPU) are made
+    once per weight, dropped with it, and made again after an in-place edit."""
+    gemm = torch.ops.fxquant.fbgemm_int8_mm if kernel == "fbgemm" else ops._fbgemm_int8_mm_elsewhere
     codes = torch.randint(-8, 8, (24, 32), dtype=torch.int8)
     a = torch.randint(-128, 128, (5, 32)).float()
     first = codes.clone()
-    got = torch.ops.fxquant.fbgemm_int8_mm(a, [first], 1, False)
-    assert torch.equal(got, a @ codes.float().t()) and id(first) in ops._PREPACKED
-    key = id(first)
+    got = gemm(a, [first], 1, False)
+    assert torch.equal(got, a @ codes.float().t()) and (id(first), kernel) in ops._PREPARED
+    key = id(first), kernel
     del first
     gc.collect()
-    assert key not in ops._PREPACKED, "the packed copy outlived its weight"
+    assert key not in ops._PREPARED, "the prepared copy outlived its weight"
     changed = codes.clone()
-    torch.ops.fxquant.fbgemm_int8_mm(a, [changed], 1, False)
-    changed.neg_()  # an in-place edit bumps the version: the next call packs again
-    assert torch.equal(torch.ops.fxquant.fbgemm_int8_mm(a, [changed], 1, False), -(a @ codes.float().t()))
+    gemm(a, [changed], 1, False)
+    changed.neg_()  # an in-place edit bumps the version: the next call prepares again
+    assert torch.equal(gemm(a, [changed], 1, False), -(a @ codes.float().t()))
 
 
 @X86
