@@ -192,8 +192,8 @@ def _fbgemm_forms(stacked: torch.Tensor, groups: int) -> list:
 
 
 def _int_mm_forms(stacked: torch.Tensor, groups: int) -> list[torch.Tensor]:
-    """torch._int_mm's right operand per group: (K/G, N) int8, the transpose of a contiguous (N, K/G)
-    (measured faster than a contiguous (K, N) at one token on an AVX512 CPU)."""
+    """torch._int_mm's right operand per group: (K/G, N) int8, the transpose of a contiguous (N, K/G),
+    the layout int8_linear's direct path passes too (weight.t())."""
     return [part.contiguous().t() for part in stacked.chunk(groups, dim=1)]
 
 
@@ -220,8 +220,8 @@ def _prepared(weights: list[torch.Tensor], groups: int, int4: bool, kernel: str)
 
 # A plain library op, not torch.library.custom_op: at one token a call is ~50 us of Python there,
 # as long as fbgemm's GEMM itself (measured, K=576 N=960). Its body is one cache read and one fbgemm
-# call: each extra tensor op (a cast, a view) cost ~10 us a call on the 2-core AVX2 machine, so the
-# graph hands it 2-D float codes and reads a 2-D result (measured in the README's profile).
+# call: each extra tensor op (a cast, a view) cost 5-16 us a call on the 2-core AVX2 machine
+# (microbenchmark, M=1 K=576 N=960), so the graph hands it 2-D float codes and reads a 2-D result.
 _LIBRARY = torch.library.Library("fxquant", "FRAGMENT")
 _LIBRARY.define("fbgemm_int8_mm(Tensor a, Tensor[] weights, int groups, bool int4) -> Tensor")
 _FBGEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
@@ -246,7 +246,7 @@ def _fbgemm_int8_mm_elsewhere(a: torch.Tensor, weights: list[torch.Tensor], grou
     """The same sums on another device (a graph lowered on CPU, then moved to CUDA): torch._int_mm on
     an int8 copy of the stacked weights made once, not unpacked per call."""
     forms = _prepared(weights, groups, int4, "int_mm")
-    sums = [int_matmul(x.to(torch.int8).contiguous(), w).float()
+    sums = [int_matmul(x.to(torch.int8), w).float()  # the cast makes a contiguous copy
             for x, w in zip(a.chunk(groups, dim=1), forms, strict=True)]
     return sums[0] if groups == 1 else torch.stack(sums)
 
