@@ -14,7 +14,16 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import ops, solve
-from .calibrate import ActivationCache, GramStats, InputStats, LoaderPasses, RangeStats, observed_copy, run_loader
+from .calibrate import (
+    ActivationCache,
+    GramBudget,
+    GramStats,
+    InputStats,
+    LoaderPasses,
+    RangeStats,
+    observed_copy,
+    run_loader,
+)
 from .capture import batch_to_call, capture, pin_thread_count
 from .config import QuantConfig
 from .duquant import apply_to_weight
@@ -141,15 +150,15 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
     measure static scales."""
     nodes = {n.name: n for n in gm.graph.nodes}
     groups = list(plan.groups.values())
-    # Gram matrices (D^2 x 8 bytes a group) are measured and solved a budget's worth at a time: the
-    # first set in the calibration pass, each later set in a pass of its own, before the graph changes
+    # Gram statistics (kept rows, or X^T X at D^2 x 8 bytes a group) are measured within a budget: in
+    # the calibration pass for every group that fits, the rest in later passes of their own
     needs_gram = {g.name for g in groups if any(solve.needs_gram(plan.sites[s].config) for s in g.sites)}
-    sets = solve.gram_sets(groups, needs_gram, config.calib_gram_gb * 2**30)
-    first = {g.name for g in sets[0]} & needs_gram
     with _timed(seconds, "calibrate"):  # raw statistics of every group input, all calls of a weight together
         cache = ActivationCache(config.calib_cache_gb * 2**30)  # inputs of static-scale groups, for "scales"
+        grams = GramBudget(config.calib_gram_gb * 2**30)
         inputs = {g.name: InputStats(", ".join(g.sites), g.dim, config.calib_tokens, config.seed,
-                                     gram=g.name in first, cache=cache if g.config.a_static else None)
+                                     gram=grams if g.name in needs_gram else None,
+                                     cache=cache if g.config.a_static else None)
                   for g in groups}
         run_loader(observed_copy(gm, [(nodes[x], inputs[g.name]) for g in groups for x in g.inputs]), loader,
                    desc="fxquant calibrate")
@@ -160,16 +169,7 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
         weights = _transformed_weights(plan, transforms, floats)
 
     with _timed(seconds, "weights"):
-        quantized = {}
-        for number, members in enumerate(sets):
-            if number:  # the first set's Grams came with the calibration pass
-                watch = []
-                for g in (g for g in members if g.name in needs_gram):
-                    inputs[g.name].gram_stats = GramStats(inputs[g.name].layers, g.dim)
-                    watch += [(nodes[x], inputs[g.name].gram_stats) for x in g.inputs]
-                run_loader(observed_copy(gm, watch), loader, desc=f"fxquant Gram matrices {number + 1}/{len(sets)}")
-            quantized |= solve.solve_weights(plan, members, inputs, transforms, weights,
-                                             keep_float=config.keep_float_weights)
+        quantized = _quantize_weights(gm, plan, loader, inputs, transforms, weights, needs_gram, config)
         gm = _insert_transforms(gm, plan, transforms, weights)  # exact in float: activations x T, weights W T^-T
 
     with _timed(seconds, "scales"):  # static scales are measured on the transformed activations
@@ -178,6 +178,35 @@ def _solve(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], config: Q
         scales = _calibrate_scales(gm, plan, loader, kept)
     return gm, Solution(transforms, scales, quantized, {n: s.stats for n, s in plan.sites.items()},
                         {n: g.stats for n, g in plan.groups.items()})
+
+
+def _quantize_weights(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable[Any], inputs: dict[str, InputStats],
+                      transforms: dict[str, Any], weights: dict[str, torch.Tensor], needs_gram: set[str],
+                      config: QuantConfig) -> dict[str, Any]:
+    """Every group's quantized weights, solved a budget's worth of Gram matrices at a time (each made
+    from its kept rows when first read, freed once solved). Groups the calibration pass had no room
+    for are measured in passes of their own over the loader, on the same float graph ``gm``, planned
+    by the sizes the first pass counted."""
+    budget = config.calib_gram_gb * 2**30
+    nodes = {n.name: n for n in gm.graph.nodes}
+    groups = list(plan.groups.values())
+    matrix_bytes = {name: GramStats.nbytes(plan.groups[name].dim) for name in needs_gram}
+    waiting = [g for g in groups if g.name in needs_gram and inputs[g.name].gram_stats.dropped]
+    ready, quantized = [g for g in groups if g not in waiting], {}
+    while ready:
+        for members in solve.gram_sets(ready, matrix_bytes, budget):
+            quantized |= solve.solve_weights(plan, members, inputs, transforms, weights,
+                                             keep_float=config.keep_float_weights)
+        if not waiting:
+            break
+        held = {g.name: GramStats.expected_bytes(g.dim, inputs[g.name].tokens) for g in waiting}
+        ready = solve.gram_sets(waiting, held, budget)[0]
+        waiting = waiting[len(ready):]
+        for g in ready:
+            inputs[g.name].gram_stats = GramStats(inputs[g.name].layers, g.dim)
+        run_loader(observed_copy(gm, [(nodes[x], inputs[g.name].gram_stats) for g in ready for x in g.inputs]),
+                   loader, desc=f"fxquant Gram matrices ({len(waiting)} groups after these)")
+    return quantized
 
 
 def _float_weights(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, torch.Tensor]:

@@ -27,17 +27,46 @@ except ImportError:  # progress bars are optional
     tqdm = None
 
 
+class GramBudget:
+    """The bytes of Gram statistics (kept rows or matrices) one calibration pass may hold:
+    config.calib_gram_gb. A group whose statistics would go over it while others hold some stops
+    collecting (what it held is freed) and is measured in a later pass; a group alone may exceed it."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.held: dict[GramStats, int] = {}
+
+    def take(self, owner: GramStats, nbytes: int) -> bool:
+        others = sum(self.held.values()) - self.held.get(owner, 0)
+        if others and others + self.held.get(owner, 0) + nbytes > self.limit:
+            return False
+        self.held[owner] = self.held.get(owner, 0) + nbytes
+        return True
+
+    def release(self, owner: GramStats) -> None:
+        self.held.pop(owner, None)
+
+    @property
+    def used(self) -> int:
+        return sum(self.held.values())
+
+
 class GramStats:
     """X^T X (D, D) in float64 over every token of one group's input: what output-error clipping
     and GPTQ read. D^2 x 8 bytes: a 16384-wide input holds 2 GiB, so the memory of these is what
-    config.calib_gram_gb bounds."""
+    config.calib_gram_gb bounds.
 
-    def __init__(self, layers: str, dim: int) -> None:
-        self.layers, self.dim = layers, dim
-        # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
-        # flops, and each entry is the same float32 dot product as in the full product), the
-        # rest is mirrored when read
-        self._gram = torch.zeros(dim, dim, dtype=torch.float64)
+    While the rows seen take fewer bytes than the matrix would (float32 rows: fewer than 2 D
+    tokens), the rows are kept instead and the matrix is made from them when it is first needed,
+    chunk by chunk as they came, so the sums are the same: pi0's 16384-wide down_proj input over
+    ~5000 calibration tokens keeps 0.3 GiB instead of 2 GiB."""
+
+    def __init__(self, layers: str, dim: int, budget: GramBudget | None = None) -> None:
+        self.layers, self.dim, self.budget = layers, dim, budget
+        self._gram: torch.Tensor | None = None
+        self._kept: list[torch.Tensor] = []
+        self.held = 0  # bytes of _kept or _gram
+        self.dropped = False  # over the budget: nothing held, measure again in another pass
         self._mirrored = False
         edges = list(range(0, dim, _GRAM_BLOCK)) if dim > 2 * _GRAM_BLOCK else [0]
         self._rows = [slice(a, b) for a, b in zip(edges, [*edges[1:], dim], strict=True)]
@@ -46,8 +75,49 @@ class GramStats:
     def nbytes(dim: int) -> int:
         return dim * dim * 8
 
+    @staticmethod
+    def expected_bytes(dim: int, tokens: int) -> int:
+        """What the statistics of ``tokens`` rows hold: the kept rows or the matrix, the smaller."""
+        return min(tokens * dim * 4, GramStats.nbytes(dim))
+
     def update(self, x: torch.Tensor) -> None:
+        if self.dropped:
+            return
         x = _rows(x, self.dim)
+        if self._gram is None:
+            keep = self.held + x.numel() * 4 <= self.nbytes(self.dim)
+            if not self._hold((self.held + x.numel() * 4) if keep else self.nbytes(self.dim)):
+                return
+            if keep:  # a copy: the graph may reuse or mutate its activation later
+                self._kept.append(x.clone())
+                return
+            self._make_matrix()
+        self._accumulate(x)
+
+    def _hold(self, nbytes: int) -> bool:
+        """Grow what this holds to ``nbytes``; False (and everything dropped) when the budget refuses."""
+        if self.budget is not None and not self.budget.take(self, nbytes - self.held):
+            self.free()
+            self.dropped = True
+            return False
+        self.held = nbytes
+        return True
+
+    def free(self) -> None:
+        """Let go of what this holds, and of its share of the budget."""
+        self._gram, self._kept, self.held = None, [], 0
+        if self.budget is not None:
+            self.budget.release(self)
+
+    def _make_matrix(self) -> None:
+        self._gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        while self._kept:
+            self._accumulate(self._kept.pop(0))  # freed as it goes
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
+        # flops, and each entry is the same float32 dot product as in the full product), the
+        # rest is mirrored when read
         for rows in self._rows:
             block = x[:, rows].T @ x[:, rows.start:]
             if not torch.isfinite(block).all():  # |x| ~1e19: x^2 overflows float32 (NaN and Inf stopped before)
@@ -60,6 +130,11 @@ class GramStats:
 
     @property
     def value(self) -> torch.Tensor:
+        if self.dropped:
+            raise RuntimeError(f"the Gram statistics of {self.layers} were dropped over the budget; measure them again")
+        if self._gram is None:
+            self._make_matrix()
+            self.held = self.nbytes(self.dim)
         if not self._mirrored:
             for rows in self._rows[1:]:
                 self._gram[rows, : rows.start] = self._gram[: rows.start, rows].T
@@ -72,15 +147,15 @@ class InputStats:
 
     Per-channel max|x| over every token of every batch; a bounded, seeded uniform sample of token
     rows (reservoir by random keys), so memory stays fixed however long the loader is; and, when
-    ``gram_stats`` is set, the Gram matrix X^T X (for the weight quantizer: output-error clipping
-    and GPTQ).
+    ``gram`` is a budget, the Gram matrix X^T X (for the weight quantizer: output-error clipping
+    and GPTQ), held within that budget.
     """
 
-    def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: bool,
+    def __init__(self, layers: str, dim: int, sample_rows: int, seed: int, gram: GramBudget | None,
                  cache: ActivationCache | None = None) -> None:
         self.layers, self.dim, self.sample_rows, self.cache = layers, dim, sample_rows, cache
         self.absmax = torch.zeros(dim)
-        self.gram_stats = GramStats(layers, dim) if gram else None
+        self.gram_stats = GramStats(layers, dim, gram) if gram is not None else None
         self.rows = torch.empty(0, dim)
         self.keys = torch.empty(0)
         self.tokens = 0
@@ -107,6 +182,8 @@ class InputStats:
         return None if self.gram_stats is None else self.gram_stats.value
 
     def drop_gram(self) -> None:
+        if self.gram_stats is not None:
+            self.gram_stats.free()
         self.gram_stats = None
 
 

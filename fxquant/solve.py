@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import GramStats, InputStats, RangeStats, progress
+from .calibrate import InputStats, RangeStats, progress
 from .capture import TORCH_LOCK
 from .config import QuantConfig
 from .duquant import GroupSample, Transform, apply_to_activation, build_transforms, transform_gram
@@ -150,14 +150,14 @@ def _weight_settings(c: QuantConfig) -> tuple:
     return c.w_bits, c.w_group_size, c.w_clip, c.w_method, c.w_symmetric
 
 
-def gram_sets(groups: list[Group], needs_gram: set[str], budget_bytes: float) -> list[list[Group]]:
-    """``groups`` split, in order, into sets whose Gram matrices together fit ``budget_bytes`` (a
-    group larger than the budget alone in its set; groups not in ``needs_gram`` go with their
-    neighbours)."""
+def gram_sets(groups: list[Group], sizes: dict[str, int], budget_bytes: float) -> list[list[Group]]:
+    """``groups`` split, in order, into sets whose Gram statistics (``sizes`` bytes by group name)
+    together fit ``budget_bytes`` (a group larger than the budget alone in its set; groups without
+    a size go with their neighbours)."""
     sets: list[list[Group]] = [[]]
     used = 0
     for group in groups:
-        size = GramStats.nbytes(group.dim) if group.name in needs_gram else 0
+        size = sizes.get(group.name, 0)
         if size and used and used + size > budget_bytes:
             sets.append([])
             used = 0

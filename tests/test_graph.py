@@ -132,14 +132,14 @@ def test_bfloat16_model_keeps_its_dtype_and_float32_rotations():
 def test_calibration_copy_stops_at_the_last_observer():
     """What runs after the last observed activation (an LLM's vocabulary projection) is cut from
     the calibration copy; the statistics are those of the full graph."""
-    from fxquant.calibrate import InputStats, observed_copy
+    from fxquant.calibrate import GramBudget, InputStats, observed_copy
     from fxquant.capture import capture
 
     model = mlp()
     x = torch.randn(8, 64)
     gm = capture(model, (x,), {})
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    stats = InputStats("0", 64, 16, 0, gram=True)
+    stats = InputStats("0", 64, 16, 0, gram=GramBudget(2**30))
     observed = observed_copy(gm, [(first, stats)])
     ops = [n for n in observed.graph.nodes if n.op == "call_function"]
     assert ops == [], f"nothing should run after the only observer, got {ops}"
@@ -150,9 +150,9 @@ def test_calibration_copy_stops_at_the_last_observer():
 
 
 def test_gram_accumulates_in_block_rows_and_reads_symmetric():
-    from fxquant.calibrate import InputStats
+    from fxquant.calibrate import GramBudget, InputStats
 
-    stats = InputStats("0", 300, 16, 0, gram=True)  # 300 columns: block rows of 128, 128 and 44
+    stats = InputStats("0", 300, 16, 0, gram=GramBudget(2**30))  # 300 columns: block rows of 128, 128 and 44
     batches = [torch.randn(2, 50, 300, generator=torch.Generator().manual_seed(s)) for s in range(3)]
     for x in batches:
         stats.update(x)

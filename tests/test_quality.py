@@ -46,41 +46,56 @@ def test_generator_loader_is_read_for_both_calibration_passes():
 
 
 def test_gram_budget_bounds_memory_and_changes_no_result(monkeypatch):
-    """calib_gram_gb: Gram matrices are measured and solved a budget's worth at a time, each later
-    set in a pass of its own over the loader, on the same float graph: the same quantized graph,
-    never more Gram bytes alive than the budget (here: one group's)."""
+    """calib_gram_gb: the calibration pass holds Gram statistics (here the kept rows: fewer tokens
+    than 2 x width) for as many groups as fit; a group that does not fit is measured in a later pass
+    of its own, on the same float graph: the same quantized graph, never more bytes held than the budget."""
     from fxquant import calibrate
 
-    alive, peak = set(), [0]
-    real_init = calibrate.GramStats.__init__
+    peak = [0]
+    real_take = calibrate.GramBudget.take
 
-    def counting_init(self, layers, dim):
-        real_init(self, layers, dim)
-        alive.add(self)
-        peak[0] = max(peak[0], sum(calibrate.GramStats.nbytes(g.dim) for g in alive if g._gram is not None))
+    def counting_take(self, owner, nbytes):
+        taken = real_take(self, owner, nbytes)
+        peak[0] = max(peak[0], self.used)
+        return taken
 
-    monkeypatch.setattr(calibrate.GramStats, "__init__", counting_init)
-    real_drop = calibrate.InputStats.drop_gram
-
-    def counting_drop(self):
-        alive.discard(self.gram_stats)
-        real_drop(self)
-
-    monkeypatch.setattr(calibrate.InputStats, "drop_gram", counting_drop)
-    model = mlp(64, 128)  # groups: fc1 input (64 wide, 32 KiB Gram), fc2 input (128 wide, 128 KiB)
+    monkeypatch.setattr(calibrate.GramBudget, "take", counting_take)
+    model = mlp(64, 128)  # groups: fc1 input (64 wide), fc2 input (128 wide); 3 x 16 tokens
     x = torch.randn(16, 64)
     results = {}
-    for budget in (8.0, 130 * 2**10 / 2**30):  # everything at once; one group's Gram at a time
+    for budget in (8.0, 20 * 2**10 / 2**30):  # everything at once; fc1's 12 KiB of rows but not fc2's 24 too
         loader = CountingLoader(tensor_batches(3, (16, 64)))
-        alive.clear()
         peak[0] = 0
         gm = quantize_graph(model, loader, QuantConfig(calib_gram_gb=budget, calib_cache_gb=0))
         with torch.no_grad():
             results[budget] = (gm(x), loader.passes, peak[0])
-    (one_set, passes_one, peak_one), (two_sets, passes_two, peak_two) = results.values()
-    assert torch.equal(one_set, two_sets)
-    assert passes_two == pytest.approx(passes_one + 1)  # one more pass over the loader, for the second set
-    assert peak_one == (64 * 64 + 128 * 128) * 8 and peak_two == 128 * 128 * 8
+    (one_pass, passes_one, peak_one), (two_passes, passes_two, peak_two) = results.values()
+    assert torch.equal(one_pass, two_passes)
+    assert passes_two == pytest.approx(passes_one + 1)  # one more pass over the loader, for fc2
+    assert peak_one == 3 * 16 * (64 + 128) * 4  # float32 rows, less than the Grams' (64^2 + 128^2) x 8 bytes
+    assert peak_two <= 20 * 2**10
+
+
+def test_gram_made_from_kept_rows_equals_the_accumulated_one():
+    """Rows are kept while they are smaller than the matrix, then folded in chunk by chunk as they
+    came: the same sums as a matrix accumulated from the first chunk."""
+    from fxquant.calibrate import GramStats
+
+    chunks = [torch.randn(16, 64) * torch.rand(64) for _ in range(10)]  # 160 rows: the matrix wins at row 128
+    lazy, direct = GramStats("fc", 64), GramStats("fc", 64)
+    direct._make_matrix()
+    for i, chunk in enumerate(chunks):
+        lazy.update(chunk)
+        direct.update(chunk)
+        if i == 2:
+            assert lazy._gram is None and lazy.held == 48 * 64 * 4
+    assert lazy.held == GramStats.nbytes(64)
+    assert torch.equal(lazy.value, direct.value)
+    x = torch.cat(chunks).double()
+    assert torch.allclose(lazy.value, x.T @ x, rtol=1e-5, atol=1e-4)
+    few = GramStats("fc", 64)
+    few.update(chunks[0])
+    assert torch.allclose(few.value, chunks[0].double().T @ chunks[0].double(), rtol=1e-5, atol=1e-4)  # made when read
 
 
 def test_gram_budget_rejects_zero():

@@ -30,7 +30,7 @@ def test_an_observer_left_in_the_graph_fails():
     gm = fx.symbolic_trace(mlp())
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     with pytest.raises(RuntimeError, match="observer left in the graph"):
-        check_invariants(observed_copy(gm, [(first, InputStats("0", 64, 16, 0, gram=False))]))
+        check_invariants(observed_copy(gm, [(first, InputStats("0", 64, 16, 0, gram=None))]))
 
 
 @pytest.mark.parametrize("mutate", [
