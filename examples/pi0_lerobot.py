@@ -167,9 +167,9 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant (median)")
     parser.add_argument("--execution", choices=("fake", "int"), default="fake")
-    # on a CPU the defaults fit the 2-layer policy in 24 GB (the library's 8 + 4 GB did not: OOM at 24 GB)
+    # on a CPU these keep the 2-layer policy at 18.4 GB; the library's 8 + 4 GB peaked at 22.9 GB of a 23 GB machine
     parser.add_argument("--gram-gb", type=float, default=QuantConfig.calib_gram_gb if gpu else 2.0,
-                        help="QuantConfig.calib_gram_gb: Gram matrices held at once (a 2-layer policy has ~5 GB)")
+                        help="QuantConfig.calib_gram_gb: Gram statistics held at once (2 layers: ~1.3 GB of rows)")
     parser.add_argument("--cache-gb", type=float, default=QuantConfig.calib_cache_gb if gpu else 0.0,
                         help="QuantConfig.calib_cache_gb: calibration inputs kept for static scales (0: none)")
     parser.add_argument("--quantize-only", action="store_true", help="stop after quantize_graph and SQNR (how "
