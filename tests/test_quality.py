@@ -101,3 +101,19 @@ def test_gram_made_from_kept_rows_equals_the_accumulated_one():
 def test_gram_budget_rejects_zero():
     with pytest.raises(ValueError, match="calib_gram_gb"):
         QuantConfig(calib_gram_gb=0)
+
+
+def test_gram_budget_lets_one_group_exceed_it_alone():
+    """A group larger than the budget is measured alone rather than never; beside others it waits."""
+    from fxquant.calibrate import GramBudget, GramStats
+
+    budget = GramBudget(1000)
+    big, small = GramStats("big", 64, budget), GramStats("small", 8, budget)
+    big.update(torch.randn(8, 64))  # 2 KiB of rows, over the budget, alone: kept
+    assert not big.dropped and budget.used == 8 * 64 * 4
+    small.update(torch.randn(4, 8))  # 128 bytes more, beside the big one: refused
+    assert small.dropped and small.held == 0 and budget.used == 8 * 64 * 4
+    big.free()
+    assert budget.used == 0
+    with pytest.raises(RuntimeError, match="small"):
+        _ = small.value
