@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -127,6 +127,18 @@ class GramStats:
                                  "check the calibration data and the layers before it")
             self._gram[rows, rows.start:] += block.double()
         self._mirrored = False
+
+    def transformed(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """While the rows are kept: the Gram matrix of transform(rows), summed chunk by chunk as they came
+        (no D x D product with the transform, and no raw matrix beside it), the rows freed; else None."""
+        if self._gram is not None or self.dropped:
+            return None
+        out = GramStats(self.layers, self.dim)
+        out._make_matrix()
+        while self._kept:
+            out._accumulate(transform(self._kept.pop(0)))
+        self.free()
+        return out.value
 
     @property
     def value(self) -> torch.Tensor:

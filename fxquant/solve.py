@@ -167,7 +167,12 @@ def gram_sets(groups: list[Group], sizes: dict[str, int], budget_bytes: float) -
 
 
 def transformed_gram(stats: InputStats, t: Transform) -> torch.Tensor | None:
-    return None if stats.gram is None else transform_gram(stats.gram, t)
+    """The Gram matrix of the transformed input X T: from the transformed rows while those are kept
+    (float32, as the graph transforms them), else T^T H T of the raw matrix (float64)."""
+    if stats.gram_stats is None:
+        return None
+    made = stats.gram_stats.transformed(lambda x: apply_to_activation(x, t))
+    return made if made is not None else transform_gram(stats.gram, t)
 
 
 def weight_error(weight: torch.Tensor, qw: QuantizedWeight) -> float:

@@ -117,3 +117,24 @@ def test_gram_budget_lets_one_group_exceed_it_alone():
     assert budget.used == 0
     with pytest.raises(RuntimeError, match="small"):
         _ = small.value
+
+
+def test_transformed_gram_from_kept_rows_matches_the_matrix_product():
+    """While rows are kept, the transformed Gram is summed over the transformed rows (no D x D
+    product): the same matrix as T^T H T of the raw one, to float32 rounding, and the rows are freed."""
+    from fxquant.calibrate import GramBudget, InputStats
+    from fxquant.duquant import Transform, transform_gram
+    from fxquant.solve import transformed_gram
+
+    dim, block = 128, 32
+    rotation = torch.linalg.qr(torch.randn(block, block, dtype=torch.float64))[0].float()
+    t = Transform(dim, torch.rand(dim) + 0.5, block, rotation, torch.randperm(dim), rotation.T.contiguous())
+    chunks = [torch.randn(20, dim) * torch.rand(dim) * 4 for _ in range(3)]  # 60 rows: kept (fewer than 2 x 128)
+    stats = InputStats("fc", dim, 16, 0, gram=GramBudget(2**30))
+    for chunk in chunks:
+        stats.update(chunk)
+    x = torch.cat(chunks).double()
+    expected = transform_gram(x.T @ x, t)
+    got = transformed_gram(stats, t)
+    assert stats.gram_stats.held == 0  # the rows went into the transformed matrix
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
