@@ -89,6 +89,7 @@ class GramStats:
             if not self._hold((self.held + x.numel() * 4) if keep else self.nbytes(self.dim)):
                 return
             if keep:  # a copy: the graph may reuse or mutate its activation later
+                self._check_finite(x.square().sum(0), x)  # X^T X's diagonal bounds every entry
                 self._kept.append(x.clone())
                 return
             self._make_matrix()
@@ -120,13 +121,16 @@ class GramStats:
         # rest is mirrored when read
         for rows in self._rows:
             block = x[:, rows].T @ x[:, rows.start:]
-            if not torch.isfinite(block).all():  # |x| ~1e19: x^2 overflows float32 (NaN and Inf stopped before)
-                raise ValueError(f"calibration activation read by {self.layers} reaches |x| = "
-                                 f"{float(x.abs().max()):.3g}: its X^T X (for w_method='gptq' and "
-                                 "w_clip='mse') overflows float32. Activations this large are out of range: "
-                                 "check the calibration data and the layers before it")
+            self._check_finite(block, x)
             self._gram[rows, rows.start:] += block.double()
         self._mirrored = False
+
+    def _check_finite(self, sums: torch.Tensor, x: torch.Tensor) -> None:
+        if not torch.isfinite(sums).all():  # |x| ~1e19: x^2 overflows float32 (NaN and Inf stopped before)
+            raise ValueError(f"calibration activation read by {self.layers} reaches |x| = "
+                             f"{float(x.abs().max()):.3g}: its X^T X (for w_method='gptq' and "
+                             "w_clip='mse') overflows float32. Activations this large are out of range: "
+                             "check the calibration data and the layers before it")
 
     def transformed(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
         """While the rows are kept: the Gram matrix of transform(rows), summed chunk by chunk as they came
