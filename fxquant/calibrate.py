@@ -33,22 +33,16 @@ class GramBudget:
     collecting (what it held is freed) and is measured in a later pass; a group alone may exceed it."""
 
     def __init__(self, limit: float) -> None:
-        self.limit = limit
-        self.held: dict[GramStats, int] = {}
+        self.limit, self.used = limit, 0
 
     def take(self, owner: GramStats, nbytes: int) -> bool:
-        others = sum(self.held.values()) - self.held.get(owner, 0)
-        if others and others + self.held.get(owner, 0) + nbytes > self.limit:
+        if self.used - owner.held and self.used + nbytes > self.limit:  # others hold some, and it would not fit
             return False
-        self.held[owner] = self.held.get(owner, 0) + nbytes
+        self.used += nbytes
         return True
 
     def release(self, owner: GramStats) -> None:
-        self.held.pop(owner, None)
-
-    @property
-    def used(self) -> int:
-        return sum(self.held.values())
+        self.used -= owner.held
 
 
 class GramStats:
@@ -65,7 +59,7 @@ class GramStats:
         self.layers, self.dim, self.budget = layers, dim, budget
         self._gram: torch.Tensor | None = None
         self._kept: list[torch.Tensor] = []
-        self.held = 0  # bytes of _kept or _gram
+        self.held = 0  # bytes of _kept or _gram while measuring: what the budget counts
         self.dropped = False  # over the budget: nothing held, measure again in another pass
         self._mirrored = False
         edges = list(range(0, dim, _GRAM_BLOCK)) if dim > 2 * _GRAM_BLOCK else [0]
@@ -85,10 +79,10 @@ class GramStats:
             return
         x = _rows(x, self.dim)
         if self._gram is None:
-            keep = self.held + x.numel() * 4 <= self.nbytes(self.dim)
-            if not self._hold((self.held + x.numel() * 4) if keep else self.nbytes(self.dim)):
+            rows_bytes = self.held + x.numel() * 4
+            if not self._hold(min(rows_bytes, self.nbytes(self.dim))):
                 return
-            if keep:  # a copy: the graph may reuse or mutate its activation later
+            if rows_bytes <= self.nbytes(self.dim):  # a copy: the graph may reuse or mutate its activation later
                 self._check_finite(x.square().sum(0), x)  # X^T X's diagonal bounds every entry
                 self._kept.append(x.clone())
                 return
@@ -106,14 +100,15 @@ class GramStats:
 
     def free(self) -> None:
         """Let go of what this holds, and of its share of the budget."""
-        self._gram, self._kept, self.held = None, [], 0
         if self.budget is not None:
             self.budget.release(self)
+        self._gram, self._kept, self.held = None, [], 0
 
-    def _make_matrix(self) -> None:
+    def _make_matrix(self, transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> None:
+        """The matrix, from the kept rows (each chunk through ``transform`` first), freed as it goes."""
         self._gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         while self._kept:
-            self._accumulate(self._kept.pop(0))  # freed as it goes
+            self._accumulate(transform(self._kept.pop(0)))
 
     def _accumulate(self, x: torch.Tensor) -> None:
         # X^T X is symmetric: only block rows right of the diagonal are accumulated (a third fewer
@@ -134,15 +129,13 @@ class GramStats:
 
     def transformed(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
         """While the rows are kept: the Gram matrix of transform(rows), summed chunk by chunk as they came
-        (no D x D product with the transform, and no raw matrix beside it), the rows freed; else None."""
+        (no D x D product with the transform, and no raw matrix beside it), then let go; else None."""
         if self._gram is not None or self.dropped:
             return None
-        out = GramStats(self.layers, self.dim)
-        out._make_matrix()
-        while self._kept:
-            out._accumulate(transform(self._kept.pop(0)))
+        self._make_matrix(transform)
+        matrix = self.value
         self.free()
-        return out.value
+        return matrix
 
     @property
     def value(self) -> torch.Tensor:
@@ -150,7 +143,6 @@ class GramStats:
             raise RuntimeError(f"the Gram statistics of {self.layers} were dropped over the budget; measure them again")
         if self._gram is None:
             self._make_matrix()
-            self.held = self.nbytes(self.dim)
         if not self._mirrored:
             for rows in self._rows[1:]:
                 self._gram[rows, : rows.start] = self._gram[: rows.start, rows].T

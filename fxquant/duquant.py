@@ -256,15 +256,13 @@ def transform_gram(gram: Tensor, t: Transform) -> Tensor:
     if t.smooth is not None:
         inverse = 1.0 / t.smooth.to(torch.float64)
         h = (h * inverse[:, None]).mul_(inverse)  # diag(1/s) H diag(1/s), a new matrix: gram is not touched
-    if t.block_size is None:
-        return h.clone() if h is gram else h
     for rotation, perm in ((t.rot1, t.perm), (t.rot2, None)):
         if rotation is not None:  # blockdiag(R)^T H blockdiag(R): R on the columns, then R^T on the rows
             r, (d, b) = rotation.to(torch.float64), (t.dim, t.block_size)
             h = torch.matmul(r.T, (h.view(d, d // b, b) @ r).view(d // b, b, d)).view(d, d)
         if perm is not None:
             h = h[perm[:, None], perm]  # P^T H P
-    return h.clone() if h is gram else h
+    return h.clone() if h is gram else h  # never the caller's own matrix
 
 
 def as_matrix(t: Transform) -> Tensor:
