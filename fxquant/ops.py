@@ -20,7 +20,14 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
     Computed in R's dtype (float32) and returned in x's: half-precision rotations lose orthogonality."""
     size = rotation.shape[0]
-    return (x.unflatten(-1, (-1, size)).to(rotation.dtype) @ rotation).flatten(-2).to(x.dtype)
+    return _cast((_cast(x.unflatten(-1, (-1, size)), rotation.dtype) @ rotation).flatten(-2), x.dtype)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), and no graph node at all when x already has it: torch.export records a no-op
+    .to() as two nodes, and a saved SmolLM2 int graph held 1200 such pairs (graph size is load and
+    compile memory)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def permute_channels(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ def quantize_static_int8(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> tor
 def quantize_per_token_int8(x: torch.Tensor, qmax: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, float32 scale per token (..., 1)) of fake_quant_per_token."""
     scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) * (clip / qmax)
-    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8), scale.float()
+    return torch.clamp(torch.round(x / scale), -qmax - 1, qmax).to(torch.int8), _cast(scale, torch.float32)
 
 
 def quantize_per_token_asym_int8(x: torch.Tensor, levels: int, clip: float = 1.0
@@ -97,7 +104,7 @@ def quantize_per_token_asym_int8(x: torch.Tensor, levels: int, clip: float = 1.0
     scale = ((high - low) / levels).clamp(min=1e-8)
     zero = torch.round(-low / scale)
     codes = torch.clamp(torch.round(x / scale) + zero, 0, levels) - offset
-    return codes.to(torch.int8), scale.float(), (zero - offset).to(torch.int32)
+    return codes.to(torch.int8), _cast(scale, torch.float32), (zero - offset).to(torch.int32)
 
 
 def fast_int8_gemm(device: torch.device | str = "cpu") -> bool:
@@ -264,7 +271,14 @@ def _(a: torch.Tensor, weights: list[torch.Tensor], groups: int, int4: bool) -> 
 def gemm_input(codes: torch.Tensor) -> torch.Tensor:
     """fbgemm_int8_mm's input: the codes (..., K) as a float32 (M, K) matrix (Inductor fuses the
     cast into the quantizer that makes them)."""
-    return codes.reshape(-1, codes.shape[-1]).float()
+    rows = codes if codes.ndim == 2 else codes.reshape(-1, codes.shape[-1])
+    return _cast(rows, torch.float32)
+
+
+def _group_row(table: torch.Tensor, g: int) -> torch.Tensor:
+    """Row g of a (G, N) table; with one group the (1, N) table itself, which broadcasts the same
+    (no select node in a saved graph)."""
+    return table if table.shape[0] == 1 else table[g]
 
 
 def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -285,11 +299,12 @@ def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     group's other linears (one GEMM for q/k/v); weight is then only read for its shape.
     """
     lead, k = codes.shape[:-1], codes.shape[-1]
-    q = codes.reshape(-1, k)
     groups = scale.shape[0]
     size = k // groups
     if sums is None and kernel.startswith("x86"):
-        sums = torch.ops.fxquant.fbgemm_int8_mm(gemm_input(q), [weight], groups, kernel == "x86_int4")
+        sums = torch.ops.fxquant.fbgemm_int8_mm(gemm_input(codes), [weight], groups, kernel == "x86_int4")
+    # the codes as (M, K) only where they are read again: an unused reshape stays a node in a saved graph
+    q = codes.reshape(-1, k) if sums is None or w_zero is not None else None
     if sums is not None:
         sums = [sums] if groups == 1 else sums.unbind(0)
     else:  # one GEMM per channel (G = 1) or per group of input columns
@@ -298,18 +313,18 @@ def int8_linear(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     out = None
     for g, acc in enumerate(sums):
         if x_zero is not None:
-            acc = acc - x_zero.reshape(-1, 1) * w_colsum[g]
-        acc = acc.float()
+            acc = acc - x_zero.reshape(-1, 1) * _group_row(w_colsum, g)
+        acc = _cast(acc, torch.float32)
         if w_zero is not None:
             q_sum = q[:, g * size:(g + 1) * size].sum(-1, keepdim=True, dtype=torch.int32)
             if x_zero is not None:
                 q_sum = q_sum - size * x_zero.reshape(-1, 1)
-            acc = acc - q_sum.float() * w_zero[g]
-        part = acc * scale[g]
+            acc = acc - q_sum.float() * _group_row(w_zero, g)
+        part = acc * _group_row(scale, g)
         out = part if out is None else out + part
     if x_scale is not None:
         out = out * x_scale.reshape(-1, 1)
-    out = out.to(out_dtype)
+    out = _cast(out, out_dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*lead, out.shape[-1])

@@ -13,6 +13,7 @@ from torch._dynamo.testing import CompileCounter
 
 import fxquant
 from fxquant import QuantConfig, ops, quantize_graph
+from fxquant.capture import capture
 from fxquant.passes import lower
 from fxquant.passes.verify import check_invariants
 from fxquant.quant import dequantize_weight, pack_int4, quantize_weight
@@ -169,6 +170,12 @@ def _tensor_bytes(path) -> int:
         return sum(i.file_size for i in members if "/data/" in i.filename and not i.filename.endswith("json"))
 
 
+def _no_op_casts(gm) -> int:
+    """aten.to nodes whose input already has the dtype they convert to (torch.export keeps them)."""
+    return sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.to.dtype
+               and n.args[0].meta["val"].dtype == n.args[1])
+
+
 def test_save_load_round_trip_stores_4bit_weights_packed(tmp_path):
     model, data = tiny_llama(), token_batches(3)
     paths = {}
@@ -182,6 +189,11 @@ def test_save_load_round_trip_stores_4bit_weights_packed(tmp_path):
         # unpacked once at load: integer weights as buffers, no unpack op left to run per call
         assert len(_weight_codes(loaded)) == 14
         assert all("unpack" not in str(n.target) for n in loaded.graph.nodes)
+        # the rewrite adds no no-op conversions (graph size is load and compile memory): the float
+        # model's own graph has as many
+        float_graph = tmp_path / "float.pt2"
+        fxquant.save(capture(model, (), data[0]), float_graph, data[0])
+        assert _no_op_casts(loaded) == _no_op_casts(fxquant.load(float_graph)) > 0
     # the 14 quantized weights take half a byte per code at 4 bits, a byte at 8
     codes = sum(s.in_features * s.out_features for s in gm.meta["fxquant"]["plan"].active_sites())
     saved = _tensor_bytes(paths["int8"]) - _tensor_bytes(paths["int4"])
