@@ -52,6 +52,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "DuQuant": {},  # the default QuantConfig (GPTQ weights)
     "DuQuant a_clip 0.9": {"a_clip": 0.9},  # per-token grids span 0.9 x the token's range (DuQuant's official)
     "DuQuant int": {"execution": "int"},  # the default, executed as integer GEMMs: the same codes as "DuQuant"
+    # lm_head quantized too (the default leaves it in float): the decode-speed configurations
+    "DuQuant int lm_head W8": {"execution": "int", "exclude": (), "overrides": {"lm_head": {"w_bits": 8}}},
+    "DuQuant int lm_head W7": {"execution": "int", "exclude": (), "overrides": {"lm_head": {"w_bits": 7}}},
+    "DuQuant int lm_head W4": {"execution": "int", "exclude": ()},
 }
 TOKEN_ONLY = {"DuQuant a_clip 0.9"}  # a_clip applies to dynamic per-token activations only
 # Settings: bits and activation granularity; weights always one scale per output channel.
