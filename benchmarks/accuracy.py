@@ -52,10 +52,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "DuQuant": {},  # the default QuantConfig (GPTQ weights)
     "DuQuant a_clip 0.9": {"a_clip": 0.9},  # per-token grids span 0.9 x the token's range (DuQuant's official)
     "DuQuant int": {"execution": "int"},  # the default, executed as integer GEMMs: the same codes as "DuQuant"
-    # lm_head quantized too (the default leaves it in float): the decode-speed configurations
-    "DuQuant int lm_head W8": {"execution": "int", "exclude": (), "overrides": {"lm_head": {"w_bits": 8}}},
-    "DuQuant int lm_head W7": {"execution": "int", "exclude": (), "overrides": {"lm_head": {"w_bits": 7}}},
-    "DuQuant int lm_head W4": {"execution": "int", "exclude": ()},
+    # lm_head quantized too, at these bits whatever the setting (the default leaves it in float): for decode speed
+    **{f"DuQuant int lm_head W{bits}": {"execution": "int", "exclude": (), "overrides": {"lm_head": {"w_bits": bits}}}
+       for bits in (8, 7, 4)},
 }
 TOKEN_ONLY = {"DuQuant a_clip 0.9"}  # a_clip applies to dynamic per-token activations only
 # Settings: bits and activation granularity; weights always one scale per output channel.
@@ -259,7 +258,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "weight clip search (w_clip=\"mse\") and round-to-nearest unless GPTQ is named; "
         "RTN = no smoothing, no rotation; SmoothQuant = alpha 0.5, no rotation; "
         "DuQuant+RTN = w_method=\"rtn\"; DuQuant = the default QuantConfig (GPTQ weights); "
-        "DuQuant a_clip 0.9 = the default with per-token grids clipped to 0.9 of each token's range. "
+        "DuQuant a_clip 0.9 = the default with per-token grids clipped to 0.9 of each token's range; "
+        "DuQuant int lm_head W<b> = DuQuant int with lm_head quantized too, its weights at b bits. "
         "Static = one symmetric activation scale per tensor "
         "from calibration; token = dynamic per-token, asymmetric (the default for \"token\"). "
         "Each evaluated on the rewritten GraphModule.",
